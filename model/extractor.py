@@ -1,0 +1,105 @@
+"""Images in, descriptors out: a loaded model, its preprocessing, a device and a batch size."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model.checkpoints import LoadedModel, load_model
+from model.config import LocalMode
+from model.errors import ImageDecodeError
+from model.preprocess import ImageSource, Preprocessing, square
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """'auto' (or None): CUDA when present, else CPU. An unavailable CUDA request is a clear error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested, but no CUDA device is available")
+    return resolved
+
+
+@dataclass
+class Embeddings:
+    """Descriptors of the images that decoded, in input order, plus those that did not."""
+
+    global_desc: np.ndarray  # (N, D) float32
+    local: np.ndarray  # (N, h, w, C) float32
+    names: list[str]
+    local_mode: LocalMode
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+
+class FeatureExtractor:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        local_mode: LocalMode | str | None = None,
+        image_size: int | None = None,
+        exif_transpose: bool = True,
+        batch_size: int = 8,
+    ) -> None:
+        self.model = loaded.model
+        self.info = loaded.info
+        self.device = next(self.model.parameters()).device
+        self.local_mode = self.info.check_local_mode(LocalMode(local_mode or self.info.default_local_mode))
+        self.preprocessing = Preprocessing(
+            image_size=square(image_size or self.info.image_size), exif_transpose=exif_transpose
+        )
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike = "default", device: str | None = None, **kwargs):
+        return cls(load_model(checkpoint, resolve_device(device)), **kwargs)
+
+    @torch.inference_mode()
+    def extract_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) preprocessed batch -> (global (B, D), local (B, h, w, C)) on the model's device."""
+        features = self.model(images.to(self.device), self.local_mode)
+        return features.global_desc, features.local
+
+    def embed(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None) -> Embeddings:
+        """Decode, preprocess and encode; undecodable images are skipped and reported, never fatal."""
+        names = list(names) if names is not None else [str(s) for s in sources]
+        globals_, locals_, kept, skipped = [], [], [], []
+        for batch_names, batch in self._decoded_batches(sources, names, skipped):
+            g, loc = self.extract_tensors(torch.stack(batch))
+            globals_.append(g.float().cpu().numpy())
+            locals_.append(loc.float().cpu().numpy())
+            kept += batch_names
+        dim = self.model.cfg.vit.embed_dim
+        return Embeddings(
+            global_desc=np.concatenate(globals_) if globals_ else np.zeros((0, dim), np.float32),
+            local=np.concatenate(locals_) if locals_ else np.zeros((0, 0, 0, 0), np.float32),
+            names=kept,
+            local_mode=self.local_mode,
+            skipped=skipped,
+        )
+
+    def _decoded_batches(
+        self, sources: Iterable[ImageSource], names: Sequence[str], skipped: list[tuple[str, str]]
+    ) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+        batch_names: list[str] = []
+        batch: list[torch.Tensor] = []
+        for source, name in zip(sources, names, strict=True):
+            try:
+                batch.append(self.preprocessing.load(source, name))
+                batch_names.append(name)
+            except ImageDecodeError as exc:
+                log.warning("skipping %s", exc)
+                skipped.append((name, str(exc)))
+            if len(batch) == self.batch_size:
+                yield batch_names, batch
+                batch_names, batch = [], []
+        if batch:
+            yield batch_names, batch

@@ -1,0 +1,26 @@
+"""Shared fixtures: the read-only images in ../shared/data, tiny random models, an isolated cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SELAVPR_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "matching_triplets").is_dir():
+        raise RuntimeError(f"test images not found at {SHARED_DATA}; set SELAVPR_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory) -> Path:
+    """Every session converts the default weights into its own cache, as a fresh machine would."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["SELAVPR_CACHE_DIR"] = str(cache)
+    return cache

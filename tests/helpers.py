@@ -1,0 +1,64 @@
+"""Tiny random models for tests that do not need real weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import SelaVPRConfig, ViTConfig
+from model.selavpr import SelaVPR
+
+
+def tiny_vit(num_registers: int = 0, depth: int = 2, dim: int = 128, pos_grid: int = 6) -> ViTConfig:
+    """Small but honest: 64-channel heads as in every DINOv2 size, a real interpolated position table."""
+    return ViTConfig(
+        embed_dim=dim, depth=depth, num_heads=dim // 64, num_registers=num_registers, pos_grid=pos_grid
+    )
+
+
+def randomize(model: SelaVPR, seed: int = 0) -> SelaVPR:
+    """Random weights everywhere, adapters included (non-zero D_fc2), LayerScale well away from 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gamma"):
+                param.copy_(0.05 + 0.3 * torch.rand(param.shape, generator=gen))
+            elif "norm" in name and name.endswith("weight"):
+                param.copy_(0.5 + torch.rand(param.shape, generator=gen))
+            elif name.endswith(".p"):
+                param.fill_(3.3)
+            else:
+                param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+    return model.eval()
+
+
+def tiny_model(num_registers: int = 0, adapters: bool = True, seed: int = 0) -> SelaVPR:
+    return randomize(SelaVPR(SelaVPRConfig(tiny_vit(num_registers), adapters=adapters)), seed)
+
+
+def authors_checkpoint(path: Path, model, legacy: bool = False) -> Path:
+    """The layout of SelaVPR_msls.pth: a training dict, `module.` keys, numpy objects beside them."""
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    ckpt = {
+        "epoch_num": 7,
+        "model_state_dict": state,
+        "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]},
+        "recalls": np.array([90.8, 96.4, 97.2, 98.0]),
+        "best_r5": np.float64(96.4),
+        "not_improved_num": 0,
+    }
+    torch.save(ckpt, path, _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+def dinov2_checkpoint(path: Path, model) -> Path:
+    """An official DINOv2 backbone file: a plain state dict without adapters or SelaVPR parts."""
+    state = {
+        k.removeprefix("backbone."): v
+        for k, v in model.state_dict().items()
+        if k.startswith("backbone.") and ".adapter" not in k
+    }
+    torch.save(state, path)
+    return path
