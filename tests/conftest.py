@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SELAVPR_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -24,3 +25,9 @@ def isolated_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("cache")
     os.environ["SELAVPR_CACHE_DIR"] = str(cache)
     return cache
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Tests draw random inputs; a fixed seed makes every run see the same ones."""
+    torch.manual_seed(0)

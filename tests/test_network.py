@@ -139,10 +139,11 @@ def test_adapters_change_the_output():
 
 @pytest.mark.parametrize("grid", [4, 16, 22, 36])
 def test_pos_embed_follows_the_offset_rule(grid):
-    table = torch.randn(1, 1 + 37 * 37, 8)
+    table = torch.randn(1, 1 + 37 * 37, 8, generator=torch.Generator().manual_seed(grid))
     ours = interpolate_pos_embed(table, grid, grid)
     assert ours.shape == (1, 1 + grid * grid, 8)
-    torch.testing.assert_close(ours, pos_embed_reference(table, grid), atol=1e-5, rtol=1e-5)
+    # float32 bicubic against a float64 reference on N(0, 1) values: agreement to ~1e-5
+    torch.testing.assert_close(ours, pos_embed_reference(table, grid), atol=5e-5, rtol=0)
     assert torch.equal(ours[:, 0], table[:, 0])  # the class entry is not interpolated
     plain = F.interpolate(
         table[:, 1:].reshape(1, 37, 37, 8).permute(0, 3, 1, 2), size=(grid, grid), mode="bicubic"
