@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
-from app.commands import embed, match, serve, weights
+from app.commands import bench, embed, match, serve, weights
 from model.errors import SelavprError
 
-COMMANDS = (weights, embed, match, serve)
+COMMANDS = (weights, embed, match, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

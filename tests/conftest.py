@@ -31,3 +31,13 @@ def isolated_cache(tmp_path_factory) -> Path:
 def seeded():
     """Tests draw random inputs; a fixed seed makes every run see the same ones."""
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shared_embeddings(shared_data):
+    """The 32 shared images (30 triplet views, then the Tokyo pair) through the default weights, once."""
+    from model.extractor import FeatureExtractor
+
+    paths = sorted((shared_data / "matching_triplets").glob("p*/i*/*.jpg"))
+    paths += sorted((shared_data / "tokyo_pair").glob("*"))
+    return paths, FeatureExtractor.from_checkpoint("default", device="cpu").embed(paths)

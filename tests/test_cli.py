@@ -118,21 +118,19 @@ def test_console_script_entry_point(tmp_path, shared_data):
     assert json.loads(proc.stdout)["mnn_matches"] == 256
 
 
-def test_default_weights_recognise_places(shared_data):
+def test_default_weights_recognise_places(shared_embeddings):
     """A sanity check of the whole stack on real images: 10 places x 3 views (day/night, dry/snow)."""
-    from model.extractor import FeatureExtractor
-
-    paths = sorted((shared_data / "matching_triplets").glob("p*/i*/*.jpg"))
-    place = np.array([int(p.parent.parent.name[1:]) for p in paths])
-    emb = FeatureExtractor.from_checkpoint("default", device="cpu").embed(paths)
-    sim = emb.global_desc @ emb.global_desc.T
+    paths, emb = shared_embeddings
+    triplets = [i for i, p in enumerate(paths) if "matching_triplets" in p.parts]
+    place = np.array([int(paths[i].parent.parent.name[1:]) for i in triplets])
+    global_desc, local = emb.global_desc[triplets], torch.from_numpy(emb.local[triplets])
+    sim = global_desc @ global_desc.T
     np.fill_diagonal(sim, -np.inf)
     assert (place[sim.argmax(1)] == place).mean() >= 0.5  # chance: 2/29
-    local = torch.from_numpy(emb.local)
     same, other = [], []
-    for i in range(len(paths)):
-        counts = mnn_scores(local[i], local).numpy()
-        for j in range(len(paths)):
+    for i in range(len(triplets)):
+        counts = mnn_scores(local[i], local, "float32").numpy()
+        for j in range(len(triplets)):
             if i != j:
                 (same if place[i] == place[j] else other).append(counts[j])
     assert np.mean(same) > 1.5 * np.mean(other)

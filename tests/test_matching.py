@@ -7,8 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.matching import mnn_pairs, mnn_scores
+from model.matching import Precision, engine, mnn_pairs, mnn_scores, mnn_scores_batch, rerank_order
 from tests.reference import mnn_count_reference
+
+EXACT = "float32"
+ALL_PRECISIONS = [p.value for p in Precision]
 
 
 def unit_maps(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -30,7 +33,7 @@ def full_tensor_counts(query: torch.Tensor, cands: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("tile_elements", [37, 1000, 4 * 1024 * 1024])
 def test_random_maps_match_the_definition(tile_elements):
     query, cands = unit_maps(9, 9, 16, seed=1), unit_maps(7, 9, 9, 16, seed=2)
-    ours = mnn_scores(query, cands, "float32", tile_elements=tile_elements)
+    ours = mnn_scores(query, cands, EXACT, tile_elements=tile_elements)
     assert ours.dtype == torch.int64 and ours.shape == (7,)
     assert ours.tolist() == [mnn_count_reference(query.numpy(), c) for c in cands.numpy()]
 
@@ -39,71 +42,82 @@ def test_realistic_size_equals_full_tensor_float32():
     """61 x 61 x 128 maps, several tiles per candidate: identical to the full-tensor float32 counts."""
     query, cands = unit_maps(61, 61, 128, seed=3), unit_maps(3, 61, 61, 128, seed=4)
     cands[1] = F.normalize(query + 0.3 * cands[1], dim=-1)  # a related candidate: many matches
-    ours = mnn_scores(query, cands, tile_elements=500_000)
+    ours = mnn_scores(query, cands, EXACT, tile_elements=500_000)
     assert ours.tolist() == full_tensor_counts(query, cands)
     assert ours[1] > 3000 > ours[0]
 
 
 def test_different_map_sizes_for_query_and_candidates():
     query, cands = unit_maps(5, 5, 8, seed=5), unit_maps(4, 7, 3, 8, seed=6)
-    assert mnn_scores(query, cands).tolist() == [mnn_count_reference(query.numpy(), c) for c in cands.numpy()]
+    expected = [mnn_count_reference(query.numpy(), c) for c in cands.numpy()]
+    assert mnn_scores(query, cands, EXACT).tolist() == expected
 
 
-def test_identical_and_permuted_maps_match_everywhere():
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
+def test_identical_and_permuted_maps_match_everywhere(precision):
     query = unit_maps(6, 6, 32, seed=7)
     perm = torch.randperm(36, generator=torch.Generator().manual_seed(0))
     shuffled = query.reshape(36, 32)[perm].reshape(6, 6, 32)
-    assert mnn_scores(query, torch.stack([query, shuffled])).tolist() == [36, 36]
-    q_idx, c_idx = mnn_pairs(query, shuffled)
+    assert mnn_scores(query, torch.stack([query, shuffled]), precision).tolist() == [36, 36]
+    q_idx, c_idx = mnn_pairs(query, shuffled, precision)
     assert torch.equal(perm[c_idx], q_idx)  # every match pairs a position with its own vector
 
 
-def test_ties_go_to_the_lowest_index():
-    """One-hot maps: many exact ties. The first maximum wins on both sides, as torch.argmax decides."""
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
+def test_ties_go_to_the_lowest_index(precision):
+    """One-hot maps: many exact ties (exact in every precision). The first maximum wins on both sides,
+    as torch.argmax decides."""
     eye = torch.eye(4)
     query = eye[[0, 1, 1, 2]].reshape(2, 2, 4)  # query positions 1 and 2 are the same vector
     cand = eye[[1, 1, 0, 3]].reshape(1, 2, 2, 4)  # candidate positions 0 and 1 are the same vector
     # q0 -> c2 -> q0: mutual. q1 -> c0 -> q1: mutual. q2 -> c0 -> q1 != q2. q3 (e2): all zero -> c0 -> q1.
-    assert mnn_scores(query, cand).tolist() == [2]
+    assert mnn_scores(query, cand, precision).tolist() == [2]
     assert mnn_count_reference(query.numpy(), cand[0].numpy()) == 2
-    q_idx, c_idx = mnn_pairs(query, cand[0])
+    q_idx, c_idx = mnn_pairs(query, cand[0], precision)
     assert q_idx.tolist() == [0, 1] and c_idx.tolist() == [2, 0]
 
 
-def test_ties_across_tiles_keep_the_lowest_index():
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
+def test_ties_across_tiles_keep_the_lowest_index(precision):
     """A tie between candidate positions that fall in different tiles resolves like one argmax."""
     query = unit_maps(1, 4, 8, seed=8)
     cand = torch.cat([unit_maps(1, 4, 8, seed=9), query, query], dim=1)  # positions 4..7 == 8..11
-    counts = [mnn_scores(query, cand[None], tile_elements=t).item() for t in (4, 16, 48, 10_000)]
+    counts = [mnn_scores(query, cand[None], precision, tile_elements=t).item() for t in (4, 16, 48, 10_000)]
     assert counts == [4, 4, 4, 4]
-    _, c_idx = mnn_pairs(query, cand, tile_elements=4)
+    _, c_idx = mnn_pairs(query, cand, precision, tile_elements=4)
     assert c_idx.tolist() == [4, 5, 6, 7]
 
 
-def test_exactly_one_match_quirk():
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
+def test_exactly_one_match_quirk(precision):
     """All-zero maps tie everywhere: only position 0 is mutual. The authors score that as 0."""
     query, cands = torch.zeros(3, 3, 4), torch.zeros(2, 3, 3, 4)
-    assert mnn_scores(query, cands).tolist() == [1, 1]
-    assert mnn_scores(query, cands, reference_compatible=True).tolist() == [0, 0]
+    assert mnn_scores(query, cands, precision).tolist() == [1, 1]
+    assert mnn_scores(query, cands, precision, reference_compatible=True).tolist() == [0, 0]
     two = unit_maps(2, 2, 4, seed=10)
-    assert mnn_scores(two, two[None], reference_compatible=True).tolist() == [4]  # other counts unchanged
+    assert mnn_scores(two, two[None], precision, reference_compatible=True).tolist() == [4]
 
 
 def test_never_builds_the_whole_similarity_tensor(monkeypatch):
     query, cands = unit_maps(20, 20, 16, seed=11), unit_maps(10, 20, 20, 16, seed=12)
     largest = []
-    real_matmul = torch.matmul
 
-    def spy(a, b):
-        out = real_matmul(a, b)
-        largest.append(out.numel())
-        return out
+    def spying(real):
+        def spy(a, b):
+            out = real(a, b)
+            largest.append(out.numel())
+            return out
 
-    monkeypatch.setattr(torch, "matmul", spy)
-    ours = mnn_scores(query, cands, tile_elements=20_000)
+        return spy
+
+    monkeypatch.setattr(torch, "matmul", spying(torch.matmul))
+    monkeypatch.setattr(torch, "_int_mm", spying(torch._int_mm))
+    exact = mnn_scores(query, cands, EXACT, tile_elements=20_000)
+    int8 = mnn_scores(query, cands, "int8", tile_elements=20_000)
     monkeypatch.undo()
-    assert max(largest) <= 20_000 < 10 * 400 * 400
-    assert ours.tolist() == full_tensor_counts(query, cands)
+    assert len(largest) > 20 and max(largest) <= 20_000 < 10 * 400 * 400
+    assert exact.tolist() == full_tensor_counts(query, cands)
+    assert int8.tolist() == mnn_scores(query, cands, "int8").tolist()
 
 
 def test_numpy_inputs_and_empty_candidates():
@@ -114,15 +128,15 @@ def test_numpy_inputs_and_empty_candidates():
 
 def test_float16_inputs_are_computed_in_float32():
     query, cands = unit_maps(6, 6, 16, seed=15), unit_maps(2, 6, 6, 16, seed=16)
-    half = mnn_scores(query.half(), cands.half(), "float32")
+    half = mnn_scores(query.half(), cands.half(), EXACT)
     assert half.tolist() == full_tensor_counts(query.half().float(), cands.half().float())
 
 
 def test_pairs_agree_with_counts_and_are_mutual():
     query, cands = unit_maps(8, 8, 16, seed=17), unit_maps(3, 8, 8, 16, seed=18)
-    counts = mnn_scores(query, cands)
+    counts = mnn_scores(query, cands, EXACT)
     for cand, count in zip(cands, counts, strict=True):
-        q_idx, c_idx = mnn_pairs(query, cand)
+        q_idx, c_idx = mnn_pairs(query, cand, EXACT)
         assert len(q_idx) == count
         sim = cand.reshape(64, 16) @ query.reshape(64, 16).T
         assert torch.equal(sim.argmax(dim=0)[q_idx], c_idx)
@@ -134,11 +148,117 @@ def test_bad_shapes_and_precision_are_rejected():
         mnn_scores(torch.zeros(4, 8), torch.zeros(1, 2, 2, 8))
     with pytest.raises(ValueError, match="expected query"):
         mnn_scores(torch.zeros(2, 2, 8), torch.zeros(1, 2, 2, 4))
-    with pytest.raises(ValueError, match="unknown precision"):
-        mnn_scores(torch.zeros(2, 2, 8), torch.zeros(1, 2, 2, 8), precision="int3")
 
 
-def test_device_independent_results_on_cpu_inputs():
+def test_int8_equals_the_definition_on_its_own_rounded_vectors():
+    """int8 mode is exact arithmetic on the quantized maps: the definition applied to them agrees."""
+    from model.matching.precision import index_bits, quantize_int8
+
+    query, cands = unit_maps(12, 12, 32, seed=21), unit_maps(4, 12, 12, 32, seed=22)
+    bits = index_bits(144, 144)
+    q8 = quantize_int8(query.reshape(1, 144, 32), bits)[0].numpy().astype(np.int64)
+    c8 = quantize_int8(cands.reshape(4, 144, 32), bits).numpy().astype(np.int64)
+    expected = [mnn_count_reference(q8, c) for c in c8]
+    assert mnn_scores(query, cands, "int8", tile_elements=300).tolist() == expected
+
+
+def test_negative_similarities_and_packed_keys():
+    """Best matches with negative similarity: the packed keys must still order them correctly."""
+    query = unit_maps(5, 5, 16, seed=23)
+    cands = -torch.stack([query, unit_maps(5, 5, 16, seed=24)])
+    for precision in ALL_PRECISIONS:
+        assert mnn_scores(query, cands, precision).tolist() == mnn_scores(query, cands, EXACT).tolist()
+
+
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_reduced_precision_stays_close_on_random_maps(precision):
+    query, cands = unit_maps(30, 30, 64, seed=25), unit_maps(6, 30, 30, 64, seed=26)
+    cands[::2] = F.normalize(query + 0.5 * cands[::2], dim=-1)
+    exact = mnn_scores(query, cands, EXACT)
+    approx = mnn_scores(query, cands, precision)
+    assert (approx - exact).abs().max() <= 0.05 * exact.max()
+    assert rerank_order(approx)[0] == rerank_order(exact)[0]
+
+
+def test_int8_results_do_not_depend_on_the_matmul_path(monkeypatch):
+    """Integer similarities are exact, so the hardware int8 kernel and the float fallback (what a device
+    without int8 support runs) give identical counts, whatever the tiling."""
+    query, cands = unit_maps(20, 20, 32, seed=27), unit_maps(5, 20, 20, 32, seed=28)
+    cands[1] = F.normalize(query + 0.4 * cands[1], dim=-1)
+    native = mnn_scores(query, cands, "int8")
+    monkeypatch.setitem(engine._INT_MM_WORKS, "cpu", False)
+    fallback = [mnn_scores(query, cands, "int8", tile_elements=t).tolist() for t in (1000, 50_000, 10**7)]
+    assert fallback == [native.tolist()] * 3
+
+
+def test_batch_of_queries_equals_one_at_a_time():
+    queries, cands = unit_maps(3, 6, 6, 16, seed=29), unit_maps(3, 4, 6, 6, 16, seed=30)
+    for precision in (EXACT, "int8"):
+        batch = mnn_scores_batch(queries, cands, precision)
+        single = [mnn_scores(q, c, precision) for q, c in zip(queries, cands, strict=True)]
+        assert [b.tolist() for b in batch] == [s.tolist() for s in single]
+    with pytest.raises(ValueError, match="2 queries but 3"):
+        mnn_scores_batch(queries[:2], cands)
+
+
+def test_rerank_order_breaks_ties_by_global_rank():
+    scores = [5, 9, 5, 9, 1]
+    assert rerank_order(scores).tolist() == [1, 3, 0, 2, 4]
+    assert rerank_order(scores, reference_compatible=True).tolist() == [3, 1, 2, 0, 4]
+    assert rerank_order(np.array([], dtype=np.int64)).tolist() == []
+
+
+def test_default_precision_and_compute_device():
     query, cands = unit_maps(5, 5, 8, seed=19), unit_maps(2, 5, 5, 8, seed=20)
     assert mnn_scores(query, cands).device.type == "cpu"
-    assert np.array_equal(mnn_scores(query, cands).numpy(), mnn_scores(query, cands.clone()).numpy())
+    assert mnn_scores(query, cands).tolist() == mnn_scores(query, cands, "int8+float32").tolist()
+    with pytest.raises(ValueError, match="unknown precision"):
+        mnn_scores(query, cands, device="cpu", precision="int4")
+
+
+def test_refine_candidates_keeps_every_possible_winner():
+    from model.matching.mnn import refine_candidates
+
+    counts = torch.tensor([3000, 2000, 2900, 3100, 50])
+    assert refine_candidates(counts).tolist() == [0, 2, 3]  # 2000 + 4 sqrt(2001) < 3100 - 4 sqrt(3101)
+    assert refine_candidates(counts, exact_top=3).tolist() == [0, 2, 3]
+    assert refine_candidates(counts, exact_top=4).tolist() == [0, 1, 2, 3]
+    assert refine_candidates(torch.zeros(0, dtype=torch.int64)).tolist() == []
+
+
+def test_refined_default_recounts_the_top_exactly():
+    query, cands = unit_maps(25, 25, 32, seed=31), unit_maps(12, 25, 25, 32, seed=32)
+    for i in (2, 5, 7):
+        cands[i] = F.normalize(query + (0.6 + 0.05 * i) * cands[i], dim=-1)
+    exact = mnn_scores(query, cands, EXACT)
+    int8 = mnn_scores(query, cands, "int8")
+    refined = mnn_scores(query, cands, "int8+float32")
+    recounted = refined == exact
+    assert recounted[exact.argmax()]
+    assert torch.equal(refined[~recounted], int8[~recounted])
+    assert rerank_order(refined)[0] == rerank_order(exact)[0]
+    assert not recounted.all()  # the unrelated candidates were left at their int8 counts
+
+
+def test_cuda_int8_padding_keeps_the_products():
+    """The GPU path pads operands for cuBLASLt; the products it keeps must not change (checked here
+    with the CPU kernel, which takes the padded shapes too)."""
+    gen = torch.Generator().manual_seed(33)
+    a = torch.randint(-127, 128, (5, 13), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (13, 21), dtype=torch.int8, generator=gen)
+    pa, pb = engine.pad_for_cublas_int8(a, b)
+    assert pa.shape == (17, 16) and pb.shape == (16, 24)
+    expected = a.int() @ b.int()
+    assert torch.equal(torch._int_mm(pa, pb)[:5, :21], expected)
+    assert torch.equal(engine.int8_matmul(a, b), expected)
+
+
+def test_float32_results_do_not_depend_on_the_gemm(monkeypatch):
+    """float32 uses oneDNN's packed GEMM on CPU when it is present and bit-identical to torch.mm;
+    the plain torch.matmul path (what other devices run) must count the same."""
+    query, cands = unit_maps(30, 30, 64, seed=34), unit_maps(4, 30, 30, 64, seed=35)
+    cands[2] = F.normalize(query + 0.7 * cands[2], dim=-1)
+    onednn = mnn_scores(query, cands, EXACT)
+    monkeypatch.setattr(engine, "_onednn_float32_works", lambda: False)
+    plain = mnn_scores(query, cands, EXACT)
+    assert onednn.tolist() == plain.tolist() == full_tensor_counts(query, cands)

@@ -1,0 +1,19 @@
+"""Dense local matching: MNN counts for re-ranking, match pairs for pictures and the training loss."""
+
+from model.matching.engine import BestMatches, best_matches
+from model.matching.loss import local_triplet_loss, mnn_similarity
+from model.matching.mnn import mnn_pairs, mnn_scores, mnn_scores_batch, rerank_order
+from model.matching.precision import DEFAULT_PRECISION, Precision
+
+__all__ = [
+    "DEFAULT_PRECISION",
+    "BestMatches",
+    "Precision",
+    "best_matches",
+    "local_triplet_loss",
+    "mnn_pairs",
+    "mnn_scores",
+    "mnn_scores_batch",
+    "mnn_similarity",
+    "rerank_order",
+]

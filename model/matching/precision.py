@@ -1,0 +1,82 @@
+"""Precisions the MNN engine computes similarities in, and how operands are prepared for each.
+
+- float32: exact. The reference every other mode is measured against.
+- bfloat16 / float16: operands and similarities rounded to 16 bits (16-bit matmul), argmaxes in float32.
+- int8: one scale per map (so argmaxes along either axis are unchanged by it), integer dot products
+  (VNNI on CPU, int8 tensor cores on GPU), exact int32 similarities of the rounded vectors. Integer
+  arithmetic makes its results identical on every device.
+- int8+float32 (the default): int8 counts for every candidate, then float32 counts for each candidate
+  whose int8 count comes within the error allowance of the best ones, so the top of the re-ranked list
+  is what float32 gives, at close to int8 cost.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+
+import torch
+
+
+class Precision(StrEnum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    INT8 = "int8"
+    INT8_FLOAT32 = "int8+float32"
+
+
+FLOAT_DTYPES = {
+    Precision.FLOAT32: torch.float32,
+    Precision.BFLOAT16: torch.bfloat16,
+    Precision.FLOAT16: torch.float16,
+}
+
+# Chosen from bench/rerank.py on the project's machines (README "Re-ranking engine").
+DEFAULT_PRECISION = {"cpu": Precision.INT8_FLOAT32, "cuda": Precision.INT8_FLOAT32}
+
+# How far an int8 count may stray from the float32 count, in units of sqrt(count + 1). The largest seen
+# on the shared images is 2.3 (bench/rerank.py, README); 4 leaves room for other data.
+INT8_ERROR_SIGMAS = 4.0
+
+
+def int8_count_error(counts: torch.Tensor) -> torch.Tensor:
+    """The allowance |int8 count - float32 count| <= INT8_ERROR_SIGMAS * sqrt(count + 1). An empirical
+    bound from measurements, not a proof: flipped matches come from near-ties, whose number grows
+    roughly with the square root of the count."""
+    return INT8_ERROR_SIGMAS * torch.sqrt(counts.double() + 1)
+
+
+def resolve_precision(precision: str | Precision | None, device: torch.device) -> Precision:
+    if precision is None:
+        return DEFAULT_PRECISION.get(device.type, Precision.FLOAT32)
+    try:
+        return Precision(precision)
+    except ValueError:
+        raise ValueError(
+            f"unknown precision {precision!r}; expected one of {[p.value for p in Precision]}"
+        ) from None
+
+
+def index_bits(*lengths: int) -> int:
+    """Bits that hold any position index of maps with these many positions."""
+    return max(1, math.ceil(math.log2(max(max(lengths), 2))))
+
+
+def int8_limit(bits: int) -> int:
+    """Largest |dot product| of int8 vectors the engine accepts. It packs a position index into the
+    low `bits` bits of each similarity, so |dot| * 2^bits + 2^(bits + 1) must fit in int32; and below
+    2^24 every partial sum (at most |a||b|) is exact in float32 too, for the float fallback."""
+    return min(2 ** (31 - bits) - 2, 2**24)
+
+
+def quantize_int8(maps: torch.Tensor, bits: int) -> torch.Tensor:
+    """(n, L, C) float maps -> int8, one scale per map: the largest component goes to 127, unless that
+    would make a vector long enough to break `int8_limit` (|a.b| <= |a||b|; rounding adds at most
+    0.5 * sqrt(C) to a length)."""
+    x = maps.float()
+    max_norm = math.sqrt(int8_limit(bits)) - 0.5 * math.sqrt(x.shape[-1])
+    peak = x.abs().flatten(1).amax(dim=1).clamp(min=1e-12)
+    longest = x.norm(dim=-1).flatten(1).amax(dim=1).clamp(min=1e-12)
+    scale = torch.minimum(127.0 / peak, max_norm / longest).view(-1, *([1] * (x.ndim - 1)))
+    return torch.round(x * scale).clamp_(-127, 127).to(torch.int8)
