@@ -162,25 +162,28 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # DINOv2 FSDP chunks: blocks.<chunk>.<index>.
 
 
-def _as_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], CheckpointFormat]:
-    fmt = CheckpointFormat.DINOV2
+def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded file: a training dict's `model_state_dict`, or the dict itself."""
     if isinstance(obj, Mapping) and "model_state_dict" in obj:
-        obj, fmt = obj["model_state_dict"], CheckpointFormat.SELAVPR_AUTHORS
+        obj = obj["model_state_dict"]
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path}: holds {type(obj).__name__}, not a state dict; {EXPECTED}")
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         keys = ", ".join(list(map(str, obj))[:8])
         raise CheckpointError(f"{path}: unknown layout (top-level keys: {keys}); {EXPECTED}")
-    return {k.removeprefix("module."): v for k, v in tensors.items()}, fmt
+    return {k.removeprefix("module."): v for k, v in tensors.items()}
 
 
-def _to_model_keys(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def _to_model_keys(
+    state: dict[str, torch.Tensor], path: Path
+) -> tuple[dict[str, torch.Tensor], CheckpointFormat]:
     """Either layout -> this model's key names (`backbone.*`, `aggregation.1.p`, `LocalAdapt.*`)."""
     if any(k.startswith("backbone.") for k in state):
-        return state
+        return state, CheckpointFormat.SELAVPR_AUTHORS
     if "cls_token" in state or "pos_embed" in state:  # a bare DINOv2 backbone
-        return {"backbone." + _CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in state.items()}
+        keys = {"backbone." + _CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in state.items()}
+        return keys, CheckpointFormat.DINOV2
     keys = ", ".join(list(state)[:6])
     raise CheckpointError(
         f"{path}: unknown state-dict layout (first keys: {keys}); expected DINOv2 keys (cls_token, "
@@ -372,13 +375,10 @@ def load_model(spec: str | os.PathLike = "default", device: str | torch.device =
         state, cfg, metadata = _load_project_dir(path)
         fmt = CheckpointFormat.SELAVPR
     else:
-        raw = _read_safetensors(path) if path.suffix == ".safetensors" else safe_torch_load(path)
-        state, fmt = _as_state_dict(raw, path)
-        if path.suffix == ".safetensors":
-            fmt = CheckpointFormat.STATE_DICT
-        state = _to_model_keys(state, path)
-        if fmt is CheckpointFormat.DINOV2 and "LocalAdapt.upconv1.weight" in state:
-            fmt = CheckpointFormat.SELAVPR_AUTHORS  # a SelaVPR state dict saved without the wrapper
+        safetensors = path.suffix == ".safetensors"
+        raw = _read_safetensors(path) if safetensors else safe_torch_load(path)
+        state, fmt = _to_model_keys(_as_state_dict(raw, path), path)
+        fmt = CheckpointFormat.STATE_DICT if safetensors else fmt
         cfg, metadata = infer_config(state, path), {}
     digest = fingerprint(state)
     if fmt is CheckpointFormat.SELAVPR:
