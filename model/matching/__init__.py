@@ -2,12 +2,15 @@
 
 from model.matching.engine import BestMatches, best_matches
 from model.matching.loss import local_triplet_loss, mnn_similarity
+from model.matching.maps import CandidateMaps, DenseMaps
 from model.matching.mnn import mnn_pairs, mnn_scores, mnn_scores_batch, rerank_order
 from model.matching.precision import DEFAULT_PRECISION, Precision
 
 __all__ = [
     "DEFAULT_PRECISION",
     "BestMatches",
+    "CandidateMaps",
+    "DenseMaps",
     "Precision",
     "best_matches",
     "local_triplet_loss",

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.matching.maps import CandidateMaps
 from model.matching.precision import FLOAT_DTYPES, Precision, index_bits, quantize_int8
 
 INT32_MIN = torch.iinfo(torch.int32).min
@@ -40,16 +41,18 @@ class BestMatches:
 
 def best_matches(
     query: torch.Tensor,
-    cands: torch.Tensor,
+    cands: CandidateMaps,
     precision: Precision,
     device: torch.device,
     tile_elements: int | None,
 ) -> BestMatches:
-    """query (L_q, C), cands (K, L_c, C) float, on any device -> BestMatches on `device`."""
+    """query (L_q, C) float and K candidate maps (loaded a chunk at a time), on any device ->
+    BestMatches on `device`."""
     if precision is Precision.INT8_FLOAT32:
         raise ValueError("int8+float32 is a policy over candidates (mnn_scores), not an engine precision")
-    k_total, l_c, _ = cands.shape
-    l_q = query.shape[0]
+    k_total = len(cands)
+    h, w, channels = cands.map_shape
+    l_c, l_q = h * w, query.shape[0]
     bits = index_bits(l_q, l_c)
     budget = tile_elements or DEFAULT_TILE_ELEMENTS.get(device.type, DEFAULT_TILE_ELEMENTS["cuda"])
     k_step, r_step = tile_shape(k_total, l_c, l_q, budget)
@@ -62,7 +65,8 @@ def best_matches(
     best_c_of_q = torch.empty(k_total, l_q, dtype=torch.int64, device=device)
     best_q_of_c = torch.empty(k_total, l_c, dtype=torch.int64, device=device)
     for k0 in range(0, k_total, k_step):
-        chunk = _prepare(cands[k0 : k0 + k_step].to(device, non_blocking=True), precision, bits)
+        loaded = cands.load(slice(k0, k0 + k_step)).reshape(-1, l_c, channels)
+        chunk = _prepare(loaded.to(device, non_blocking=True), precision, bits)
         reducer.start(chunk.shape[0], l_c)
         for i0 in range(0, l_c, r_step):
             reducer.update(kernel(chunk[:, i0 : i0 + r_step]), i0)

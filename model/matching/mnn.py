@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 from model.matching.engine import best_matches
+from model.matching.maps import CandidateMaps, DenseMaps, SubsetMaps, as_candidate_maps
 from model.matching.precision import Precision, int8_count_error, resolve_precision
 
 MapLike = torch.Tensor | np.ndarray
+CandidatesLike = torch.Tensor | np.ndarray | CandidateMaps
 
 
 def _as_tensor(x: MapLike) -> torch.Tensor:
@@ -33,7 +35,7 @@ def _compute_device(query: torch.Tensor, device: str | torch.device | None) -> t
 
 def mnn_scores(
     query_local: MapLike,
-    cand_local: MapLike,
+    cand_local: CandidatesLike,
     precision: str | Precision | None = None,
     *,
     reference_compatible: bool = False,
@@ -42,17 +44,18 @@ def mnn_scores(
     tile_elements: int | None = None,
 ) -> torch.Tensor:
     """MNN counts of one query map (h, w, C) against K candidate maps (K, h', w', C) -> (K,) int64 on CPU.
+    Candidates may also be a CandidateMaps (a store that decodes a chunk at a time).
 
     `precision`: "float32" (exact), "bfloat16", "float16", "int8", or "int8+float32": int8 everywhere,
     float32 for every candidate that could reach the top `exact_top` places. None picks the device's
     default (model.matching.precision.DEFAULT_PRECISION). Computation runs on `device`, else where the
     query is. Never more than `tile_elements` similarities exist at once.
     """
-    query, cands = _as_tensor(query_local), _as_tensor(cand_local)
-    if query.ndim != 3 or cands.ndim != 4 or query.shape[-1] != cands.shape[-1]:
+    query, cands = _as_tensor(query_local), as_candidate_maps(cand_local)
+    if query.ndim != 3 or query.shape[-1] != cands.map_shape[-1]:
         raise ValueError(
             f"expected query (h, w, C) and candidates (K, h, w, C), got {tuple(query.shape)} and "
-            f"{tuple(cands.shape)}"
+            f"(K, {', '.join(map(str, cands.map_shape))})"
         )
     compute_on = _compute_device(query, device)
     mode = resolve_precision(precision, compute_on)
@@ -60,8 +63,8 @@ def mnn_scores(
         counts = _counts(query, cands, Precision.INT8, compute_on, tile_elements)
         contenders = refine_candidates(counts, exact_top)
         if len(contenders):
-            exact = _counts(query, cands[contenders], Precision.FLOAT32, compute_on, tile_elements)
-            counts[contenders] = exact
+            recount = SubsetMaps(cands, contenders.tolist())
+            counts[contenders] = _counts(query, recount, Precision.FLOAT32, compute_on, tile_elements)
     else:
         counts = _counts(query, cands, mode, compute_on, tile_elements)
     if reference_compatible:
@@ -69,10 +72,16 @@ def mnn_scores(
     return counts
 
 
-def _counts(query, cands, mode: Precision, device: torch.device, tile_elements: int | None) -> torch.Tensor:
-    if cands.shape[0] == 0:
+def _counts(
+    query: torch.Tensor,
+    cands: CandidateMaps,
+    mode: Precision,
+    device: torch.device,
+    tile_elements: int | None,
+) -> torch.Tensor:
+    if len(cands) == 0:
         return torch.zeros(0, dtype=torch.int64)
-    matches = best_matches(query.flatten(0, 1), cands.flatten(1, 2), mode, device, tile_elements)
+    matches = best_matches(query.flatten(0, 1), cands, mode, device, tile_elements)
     return matches.mutual().sum(dim=1).cpu()
 
 
@@ -116,7 +125,7 @@ def mnn_pairs(
     mode = resolve_precision(precision, compute_on)
     if mode is Precision.INT8_FLOAT32:  # one pair: what the refined mode gives a top candidate
         mode = Precision.FLOAT32
-    matches = best_matches(query.flatten(0, 1), cand.flatten(0, 1)[None], mode, compute_on, tile_elements)
+    matches = best_matches(query.flatten(0, 1), DenseMaps(cand[None]), mode, compute_on, tile_elements)
     query_idx = torch.nonzero(matches.mutual()[0]).flatten()
     return query_idx.cpu(), matches.best_c_of_q[0, query_idx].cpu()
 
