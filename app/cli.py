@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
-from app.commands import bench, embed, match, serve, weights
+from app.commands import bench, embed, index, localize, match, serve, weights
 from model.errors import SelavprError
 
-COMMANDS = (weights, embed, match, serve, bench)
+COMMANDS = (weights, embed, match, index, localize, serve, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from model.checkpoints import LoadedModel, load_model
-from model.config import LocalMode
+from model.config import LocalMode, local_side
 from model.errors import ImageDecodeError
 from model.preprocess import ImageSource, Preprocessing, square
 
@@ -61,6 +61,14 @@ class FeatureExtractor:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike = "default", device: str | None = None, **kwargs):
         return cls(load_model(checkpoint, resolve_device(device)), **kwargs)
+
+    def output_shapes(self) -> tuple[int, tuple[int, int, int]]:
+        """(global descriptor length, local map shape (h, w, C)) at this extractor's input size."""
+        vit = self.model.cfg.vit
+        gh, gw = (side // vit.patch_size for side in self.preprocessing.image_size)
+        if self.local_mode is LocalMode.LOCAL_HEAD:
+            return vit.embed_dim, (local_side(gh), local_side(gw), self.model.cfg.local_head_channels[1])
+        return vit.embed_dim, (gh, gw, vit.embed_dim)
 
     @torch.inference_mode()
     def extract_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

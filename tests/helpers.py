@@ -62,3 +62,31 @@ def dinov2_checkpoint(path: Path, model) -> Path:
     }
     torch.save(state, path)
     return path
+
+
+def tiny_checkpoint(directory: Path, seed: int = 11) -> Path:
+    """A tiny SelaVPR with a trained-looking local head, in the project format, at 112 px."""
+    from model.checkpoints import save_checkpoint
+
+    return save_checkpoint(
+        tiny_model(seed=seed),
+        directory,
+        description=f"tiny test model (seed {seed})",
+        trained_adapters=True,
+        trained_local_head=True,
+        image_size=112,
+    )
+
+
+def noise_images(directory: Path, count: int, size: tuple[int, int] = (96, 72), seed: int = 0) -> list[Path]:
+    """Distinct small PNGs (random pixels), for tests that need many different references."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = directory / f"noise_{seed}_{i:04d}.png"
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths

@@ -49,3 +49,10 @@ def extractor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def print_json(payload: dict[str, Any]) -> None:
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value

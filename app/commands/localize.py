@@ -1,0 +1,28 @@
+"""`selavpr localize IMAGE --index-dir DIR`: what the HTTP API answers for one photo."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from app.commands.common import positive_int, print_json
+from index_builder.search import DEFAULT_RERANK_K, DEFAULT_TOP_K, Localizer
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("localize", help="find the reference images of the same place, and where it is")
+    parser.add_argument("image", metavar="IMAGE")
+    parser.add_argument("--index-dir", type=Path, required=True)
+    parser.add_argument("--top-k", type=positive_int, default=DEFAULT_TOP_K, help="matches returned")
+    parser.add_argument(
+        "--rerank-k", type=positive_int, default=DEFAULT_RERANK_K, help="candidates re-ranked"
+    )
+    parser.add_argument("--checkpoint", default=None, help="default: the one the index was built with")
+    parser.add_argument("--device", default="auto")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    localizer = Localizer.open(args.index_dir, args.checkpoint, args.device)
+    print_json(localizer.localize(args.image, args.image, args.top_k, args.rerank_k).to_dict())
+    return 0

@@ -1,0 +1,457 @@
+"""Reference folder -> a new published index version, encoding only what changed.
+
+Stages, top to bottom in `build_index`:
+1. scan the folder, read locations.csv files, hash contents (a file whose size and mtime match the
+   previous version keeps its recorded hash);
+2. plan: content already encoded with the same model (in the previous version, or in shards a killed
+   build left behind) is reused; the rest is encoded;
+3. encode: worker threads decode and preprocess ahead of the model, batches go through the network,
+   features go to new shards as they fill;
+4. publish: metadata, FAISS index and manifest written aside, then the CURRENT pointer swapped; old
+   versions and unused shards are removed after the grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from index_builder.global_index import GlobalIndexConfig, build_global_index
+from index_builder.sources import (
+    Location,
+    ReferenceImage,
+    content_hash,
+    exif_location_of,
+    location_from_filename,
+    read_location_csvs,
+    scan_references,
+)
+from index_builder.store import (
+    SHARDS,
+    BuildLock,
+    EncodingIdentity,
+    ImageRecord,
+    IndexNotFound,
+    IndexVersion,
+    ShardFiles,
+    ShardImage,
+    collect_garbage,
+    encode_local,
+    now_iso,
+    publish_version,
+    read_shard_meta,
+    remove_unfinished,
+    write_shard,
+)
+from model.errors import ImageDecodeError
+from model.extractor import FeatureExtractor
+from model.preprocess import open_rgb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildConfig:
+    references: Path
+    index_dir: Path
+    checkpoint: str = "default"
+    device: str | None = None
+    image_size: int | None = None
+    local_mode: str | None = None
+    full: bool = False  # re-encode everything
+    batch_size: int | None = None  # None: 16 on CPU, 64 on GPU
+    shard_size: int = 256  # images per shard file set (~120 MB at 61x61x128)
+    decode_workers: int = 2
+    local_dtype: str = "int8"
+    global_index: GlobalIndexConfig = field(default_factory=GlobalIndexConfig)
+    grace_seconds: float = 600.0  # superseded versions stay this long for readers that opened them
+
+
+@dataclass
+class BuildProgress:
+    """What a running build is doing; the CLI draws it as a bar, the service serves it as JSON."""
+
+    phase: str = "starting"  # starting, scanning, hashing, encoding, publishing, done
+    done: int = 0
+    total: int = 0
+    images_per_s: float = 0.0
+    eta_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BuildReport:
+    version: str
+    total: int
+    encoded: int
+    reused: int
+    removed: int
+    skipped: int
+    seconds: float
+    with_location: int = 0
+    encode_seconds: float = 0.0
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
+    location_problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """The one JSON line `selavpr index build` ends with."""
+        keys = ("version", "total", "encoded", "reused", "removed", "skipped", "seconds")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class _Available:
+    """Where already-encoded content lives."""
+
+    shard: str
+    row: int
+    image: ShardImage
+
+
+ProgressCallback = Callable[[BuildProgress], None]
+
+
+def build_index(
+    config: BuildConfig,
+    extractor: FeatureExtractor | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> BuildReport:
+    started = time.monotonic()
+    progress = BuildProgress()
+    notify = on_progress or (lambda p: None)
+    index_dir = config.index_dir
+    with BuildLock(index_dir):
+        remove_unfinished(index_dir)
+        extractor = extractor or FeatureExtractor.from_checkpoint(
+            config.checkpoint, config.device, image_size=config.image_size, local_mode=config.local_mode
+        )
+        identity = encoding_identity(extractor, config.local_dtype)
+        previous = _open_previous(index_dir)
+        previous_records = {r.path: r for r in previous.all_records()} if previous else {}
+        reuse_previous = previous is not None and previous.identity == identity and not config.full
+
+        progress.phase = "scanning"
+        notify(progress)
+        images = scan_references(config.references)
+        csv_locations, location_problems = read_location_csvs(config.references)
+        hashes = _hash_all(images, previous_records, progress, notify)
+
+        available = _reusable_content(
+            index_dir, identity, previous, previous_records if reuse_previous else {}
+        )
+        reused_hashes = set(available)
+        encode_started = time.monotonic()
+        skipped = _encode_missing(config, extractor, identity, images, hashes, available, progress, notify)
+        encode_seconds = time.monotonic() - encode_started
+
+        progress.phase = "publishing"
+        notify(progress)
+        records = _records(images, hashes, available, csv_locations, previous_records)
+        global_desc = _global_descriptors(index_dir, records, identity.global_dim)
+        shards = sorted({r.shard for r in records})
+        report = BuildReport(
+            version="",
+            total=len(records),
+            encoded=sum(1 for r in records if r.content_hash not in reused_hashes),
+            reused=sum(1 for r in records if r.content_hash in reused_hashes),
+            removed=len(set(previous_records) - {img.rel_path for img in images}),
+            skipped=len(skipped),
+            seconds=0.0,
+            with_location=sum(1 for r in records if r.utm_east is not None),
+            encode_seconds=round(encode_seconds, 3),
+            skipped_files=[{"path": p, "reason": why} for p, why in skipped],
+            location_problems=location_problems,
+        )
+        manifest = {
+            "encoding": identity.to_dict(),
+            "checkpoint": {
+                "source": extractor.info.source,
+                "description": extractor.info.description,
+                "fingerprint": extractor.info.fingerprint,
+            },
+            "references": str(config.references.resolve()),
+            "count": len(records),
+            "global_index": config.global_index.to_dict(),
+            "shards": [_shard_entry(index_dir, s) for s in shards],
+            "report": asdict(report),
+        }
+        report.version = publish_version(
+            index_dir, records, build_global_index(global_desc, config.global_index), manifest
+        )
+        if previous:
+            previous.close()
+        removed = collect_garbage(index_dir, config.grace_seconds)
+        log.info(
+            "published %s; removed versions %s and %d shards",
+            report.version,
+            removed["versions"],
+            len(removed["shards"]),
+        )
+        report.seconds = round(time.monotonic() - started, 3)
+        progress.phase, progress.done, progress.total = "done", len(records), len(records)
+        notify(progress)
+        return report
+
+
+def encoding_identity(extractor: FeatureExtractor, local_dtype: str) -> EncodingIdentity:
+    global_dim, local_shape = extractor.output_shapes()
+    return EncodingIdentity(
+        fingerprint=extractor.info.fingerprint,
+        local_mode=str(extractor.local_mode),
+        image_size=extractor.preprocessing.image_size[0],
+        exif_transpose=extractor.preprocessing.exif_transpose,
+        local_dtype=local_dtype,
+        global_dim=global_dim,
+        local_shape=local_shape,
+    )
+
+
+def _open_previous(index_dir: Path) -> IndexVersion | None:
+    try:
+        return IndexVersion.open_current(index_dir)
+    except IndexNotFound:
+        return None
+
+
+def _hash_all(
+    images: Sequence[ReferenceImage],
+    previous: dict[str, ImageRecord],
+    progress: BuildProgress,
+    notify: ProgressCallback,
+) -> dict[str, str]:
+    """rel_path -> content hash; an unchanged size and mtime keeps the previous version's hash."""
+    progress.phase, progress.done, progress.total = "hashing", 0, len(images)
+    hashes = {}
+    for image in images:
+        known = previous.get(image.rel_path)
+        if known and (known.file_size, known.mtime_ns) == (image.file_size, image.mtime_ns):
+            hashes[image.rel_path] = known.content_hash
+        else:
+            hashes[image.rel_path] = content_hash(image.abs_path)
+        progress.done += 1
+        if progress.done % 256 == 0:
+            notify(progress)
+    notify(progress)
+    return hashes
+
+
+def _reusable_content(
+    index_dir: Path,
+    identity: EncodingIdentity,
+    previous: IndexVersion | None,
+    previous_records: dict[str, ImageRecord],
+) -> dict[str, _Available]:
+    """content hash -> encoded features: the previous version's (same identity) and every complete shard
+    of the same identity that no version references (left by a build that was killed)."""
+    available: dict[str, _Available] = {}
+    for record in previous_records.values():
+        exif = record.exif_location
+        image = ShardImage(
+            record.content_hash, record.width, record.height, json.loads(exif) if exif else None
+        )
+        available[record.content_hash] = _Available(record.shard, record.row, image)
+    referenced = set(previous.shard_names) if previous else set()
+    shards_dir = index_dir / SHARDS
+    for shard_dir in sorted(shards_dir.iterdir()) if shards_dir.is_dir() else []:
+        if shard_dir.name in referenced or shard_dir.name.startswith("."):
+            continue
+        meta = read_shard_meta(shard_dir)
+        if not meta or EncodingIdentity.from_dict(meta["encoding"]) != identity:
+            continue
+        for row, image in enumerate(meta["images"]):
+            available.setdefault(image["content_hash"], _Available(shard_dir.name, row, ShardImage(**image)))
+    return available
+
+
+def _encode_missing(
+    config: BuildConfig,
+    extractor: FeatureExtractor,
+    identity: EncodingIdentity,
+    images: Sequence[ReferenceImage],
+    hashes: dict[str, str],
+    available: dict[str, _Available],
+    progress: BuildProgress,
+    notify: ProgressCallback,
+) -> list[tuple[str, str]]:
+    """Encode every content hash not yet available, adding it to `available`. Returns (path, reason)
+    for the images that could not be decoded."""
+    todo, seen = [], set(available)
+    for image in images:
+        if hashes[image.rel_path] not in seen:
+            seen.add(hashes[image.rel_path])
+            todo.append(image)
+    progress.phase, progress.done, progress.total = "encoding", 0, len(todo)
+    notify(progress)
+    if not todo:
+        return []
+    batch_size = config.batch_size or (64 if extractor.device.type == "cuda" else 16)
+    writer = _ShardBuffer(config.index_dir / SHARDS, identity, config.shard_size, available)
+    skipped: list[tuple[str, str]] = []
+    started = time.monotonic()
+    batch: list[tuple[ReferenceImage, ShardImage, torch.Tensor]] = []
+    for image, decoded in _decode_ahead(todo, extractor, config.decode_workers, 2 * batch_size):
+        if isinstance(decoded, str):
+            skipped.append((image.rel_path, decoded))
+        else:
+            shard_image, tensor = decoded
+            batch.append((image, ShardImage(hashes[image.rel_path], *shard_image), tensor))
+        if len(batch) == batch_size:
+            writer.add(batch, *extractor.extract_tensors(torch.stack([t for _, _, t in batch])))
+            batch = []
+        _advance(progress, notify, started)
+    if batch:
+        writer.add(batch, *extractor.extract_tensors(torch.stack([t for _, _, t in batch])))
+    writer.flush()
+    return skipped
+
+
+def _advance(progress: BuildProgress, notify: ProgressCallback, started: float) -> None:
+    progress.done += 1
+    elapsed = time.monotonic() - started
+    progress.images_per_s = progress.done / elapsed if elapsed > 0 else 0.0
+    left = progress.total - progress.done
+    progress.eta_s = left / progress.images_per_s if progress.images_per_s > 0 else None
+    notify(progress)
+
+
+Decoded = tuple[tuple[int, int, dict | None], torch.Tensor] | str
+
+
+def _decode_ahead(
+    todo: Sequence[ReferenceImage], extractor: FeatureExtractor, workers: int, window: int
+) -> Iterator[tuple[ReferenceImage, Decoded]]:
+    """Decode and preprocess in worker threads, up to `window` images ahead of the model, in order.
+    Pillow and torch release the GIL, so decoding overlaps the network's forward pass."""
+    prep = extractor.preprocessing
+
+    def decode(image: ReferenceImage) -> Decoded:
+        try:
+            rgb = open_rgb(image.abs_path, prep.exif_transpose, prep.max_pixels, image.rel_path)
+        except ImageDecodeError as exc:
+            return str(exc)
+        exif = exif_location_of(image.abs_path)
+        meta = (rgb.width, rgb.height, asdict(exif) if exif else None)
+        return meta, prep.transform(rgb)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+        pending: list[tuple[ReferenceImage, Future]] = []
+        for image in todo:
+            pending.append((image, pool.submit(decode, image)))
+            if len(pending) > window:
+                done_image, future = pending.pop(0)
+                yield done_image, future.result()
+        for done_image, future in pending:
+            yield done_image, future.result()
+
+
+class _ShardBuffer:
+    """Collects encoded images and writes a shard whenever `capacity` are ready."""
+
+    def __init__(
+        self, shards_dir: Path, identity: EncodingIdentity, capacity: int, available: dict[str, _Available]
+    ) -> None:
+        self.shards_dir, self.identity, self.capacity = shards_dir, identity, capacity
+        self.available = available
+        self.images: list[ShardImage] = []
+        self.globals: list[np.ndarray] = []
+        self.locals: list[dict[str, np.ndarray]] = []
+
+    def add(self, batch, global_desc: torch.Tensor, local: torch.Tensor) -> None:
+        self.images += [shard_image for _, shard_image, _ in batch]
+        self.globals.append(global_desc.float().cpu().numpy())
+        self.locals.append(encode_local(local.float().cpu().numpy(), self.identity.local_dtype))
+        if len(self.images) >= self.capacity:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.images:
+            return
+        arrays = {"global": np.concatenate(self.globals)}
+        arrays |= {key: np.concatenate([part[key] for part in self.locals]) for key in self.locals[0]}
+        self.shards_dir.mkdir(parents=True, exist_ok=True)
+        name = write_shard(self.shards_dir, self.identity, self.images, arrays)
+        for row, image in enumerate(self.images):
+            self.available[image.content_hash] = _Available(name, row, image)
+        self.images, self.globals, self.locals = [], [], []
+
+
+def _resolve_location(
+    rel_path: str, csv_locations: dict[str, Location], exif: dict[str, Any] | None
+) -> Location | None:
+    """First found wins: locations.csv, then the file-name convention, then EXIF GPS."""
+    return (
+        csv_locations.get(rel_path)
+        or location_from_filename(rel_path)
+        or (Location(**exif) if exif else None)
+    )
+
+
+def _records(
+    images: Sequence[ReferenceImage],
+    hashes: dict[str, str],
+    available: dict[str, _Available],
+    csv_locations: dict[str, Location],
+    previous: dict[str, ImageRecord],
+) -> list[ImageRecord]:
+    records = []
+    stamp = now_iso()
+    for image in images:
+        found = available.get(hashes[image.rel_path])
+        if found is None:  # undecodable: reported as skipped
+            continue
+        location = _resolve_location(image.rel_path, csv_locations, found.image.exif_location)
+        before = previous.get(image.rel_path)
+        unchanged = before is not None and before.content_hash == found.image.content_hash
+        records.append(
+            ImageRecord(
+                id=len(records),
+                path=image.rel_path,
+                content_hash=found.image.content_hash,
+                file_size=image.file_size,
+                mtime_ns=image.mtime_ns,
+                width=found.image.width,
+                height=found.image.height,
+                lat=location.lat if location else None,
+                lon=location.lon if location else None,
+                utm_east=location.utm_east if location else None,
+                utm_north=location.utm_north if location else None,
+                utm_zone=location.utm_zone if location else None,
+                location_source=location.source if location else None,
+                exif_location=json.dumps(found.image.exif_location) if found.image.exif_location else None,
+                added_at=before.added_at if unchanged else stamp,
+                shard=found.shard,
+                row=found.row,
+            )
+        )
+    return records
+
+
+def _global_descriptors(index_dir: Path, records: Sequence[ImageRecord], dim: int) -> np.ndarray:
+    out = np.empty((len(records), dim), dtype=np.float32)
+    by_shard: dict[str, list[ImageRecord]] = {}
+    for record in records:
+        by_shard.setdefault(record.shard, []).append(record)
+    for shard, members in by_shard.items():
+        rows = ShardFiles(index_dir / SHARDS / shard)
+        try:
+            descriptors = rows.read_global()
+        finally:
+            rows.close()
+        out[[m.id for m in members]] = descriptors[[m.row for m in members]]
+    return out
+
+
+def _shard_entry(index_dir: Path, name: str) -> dict[str, Any]:
+    meta = read_shard_meta(index_dir / SHARDS / name) or {}
+    return {"name": name, "count": meta.get("count"), "files": meta.get("files", {})}

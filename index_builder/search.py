@@ -1,0 +1,184 @@
+"""Query image -> ranked reference images and an estimated location: global top-K retrieval, then MNN
+re-ranking of the K candidates' local features read from the store a few at a time."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from index_builder.global_index import search as global_search
+from index_builder.store import ImageRecord, IndexVersion
+from model.checkpoints import load_model
+from model.errors import SelavprError
+from model.extractor import FeatureExtractor, resolve_device
+from model.matching import mnn_scores, rerank_order
+from model.preprocess import ImageSource, open_rgb
+
+DEFAULT_TOP_K = 5
+DEFAULT_RERANK_K = 100
+
+
+class CheckpointMismatch(SelavprError):
+    pass
+
+
+@dataclass
+class Match:
+    id: int
+    path: str  # relative to the references folder
+    rank: int  # 1-based, after re-ranking
+    global_score: float  # cosine similarity of the global descriptors
+    mnn_matches: int
+    lat: float | None
+    lon: float | None
+    utm_east: float | None
+    utm_north: float | None
+
+
+@dataclass
+class EstimatedLocation:
+    lat: float
+    lon: float
+    source_id: int  # the reference image it comes from
+    confidence: float  # that image's MNN matches / the query's local positions, in [0, 1]
+
+
+@dataclass
+class LocalizeResult:
+    matches: list[Match]
+    location: EstimatedLocation | None
+    index_version: str
+    timings_ms: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Localizer:
+    def __init__(
+        self, index: IndexVersion, extractor: FeatureExtractor, precision: str | None = None
+    ) -> None:
+        check_compatible(index, extractor)
+        self.index, self.extractor, self.precision = index, extractor, precision
+
+    @classmethod
+    def open(
+        cls, index_dir: str | os.PathLike, checkpoint: str | None = None, device: str | None = None
+    ) -> Localizer:
+        index = IndexVersion.open_current(index_dir)
+        return cls(index, extractor_for(index, checkpoint, device))
+
+    def localize(
+        self,
+        source: ImageSource,
+        name: str | None = None,
+        top_k: int = DEFAULT_TOP_K,
+        rerank_k: int = DEFAULT_RERANK_K,
+    ) -> LocalizeResult:
+        return self.localize_batch([source], [name], top_k, rerank_k)[0]
+
+    def localize_batch(
+        self,
+        sources: Sequence[ImageSource],
+        names: Sequence[str | None] | None = None,
+        top_k: int = DEFAULT_TOP_K,
+        rerank_k: int = DEFAULT_RERANK_K,
+    ) -> list[LocalizeResult]:
+        """Several queries, one model forward. Undecodable images raise ImageDecodeError."""
+        start = time.perf_counter()
+        prep = self.extractor.preprocessing
+        names = list(names) if names is not None else [None] * len(sources)
+        images = [
+            open_rgb(s, prep.exif_transpose, prep.max_pixels, n) for s, n in zip(sources, names, strict=True)
+        ]
+        batch = torch.stack([prep.transform(image) for image in images])
+        decoded = time.perf_counter()
+        global_desc, local = self.extractor.extract_tensors(batch)
+        global_desc, local = global_desc.float().cpu().numpy(), local.float().cpu()
+        extracted = time.perf_counter()
+        scores, ids = global_search(self.index.index, global_desc, max(rerank_k, top_k))
+        searched = time.perf_counter()
+        shared = {"decode": decoded - start, "extract": extracted - decoded, "search": searched - extracted}
+        results = []
+        for q in range(len(images)):
+            rerank_start = time.perf_counter()
+            result = self._rerank(local[q], scores[q], ids[q], top_k)
+            rerank = time.perf_counter() - rerank_start
+            timings = {**shared, "rerank": rerank, "total": sum(shared.values()) + rerank}
+            result.timings_ms = {k: round(v * 1e3, 2) for k, v in timings.items()}
+            results.append(result)
+        return results
+
+    def _rerank(
+        self, query_local: torch.Tensor, scores: np.ndarray, ids: np.ndarray, top_k: int
+    ) -> LocalizeResult:
+        keep = ids >= 0  # approximate indexes may return fewer results
+        scores, ids = scores[keep], ids[keep]
+        counts = mnn_scores(query_local, self.index.candidate_maps(ids.tolist()), self.precision)
+        order = rerank_order(counts)[:top_k]
+        records = self.index.records(ids[order].tolist())
+        matches = [
+            _match(record, rank, float(scores[i]), int(counts[i]))
+            for rank, (i, record) in enumerate(zip(order, records, strict=True), start=1)
+        ]
+        positions = query_local.shape[0] * query_local.shape[1]
+        return LocalizeResult(matches, estimate_location(matches, positions), self.index.name, {})
+
+
+def _match(record: ImageRecord, rank: int, score: float, count: int) -> Match:
+    return Match(
+        id=record.id,
+        path=record.path,
+        rank=rank,
+        global_score=round(score, 6),
+        mnn_matches=count,
+        lat=record.lat,
+        lon=record.lon,
+        utm_east=record.utm_east,
+        utm_north=record.utm_north,
+    )
+
+
+def estimate_location(matches: Sequence[Match], query_positions: int) -> EstimatedLocation | None:
+    """The best-ranked match that has latitude and longitude. Confidence: the share of the query's local
+    positions with a mutual match in that image (a different scale per local mode: compare like with
+    like)."""
+    for match in matches:
+        if match.lat is not None and match.lon is not None:
+            confidence = min(1.0, match.mnn_matches / max(query_positions, 1))
+            return EstimatedLocation(match.lat, match.lon, match.id, round(confidence, 4))
+    return None
+
+
+def extractor_for(
+    index: IndexVersion, checkpoint: str | None = None, device: str | None = None
+) -> FeatureExtractor:
+    """The model the index was built with (from its manifest unless given), set up exactly as then."""
+    identity = index.identity
+    source = checkpoint or index.manifest["checkpoint"]["source"]
+    loaded = load_model(source, resolve_device(device))
+    return FeatureExtractor(
+        loaded,
+        local_mode=identity.local_mode,
+        image_size=identity.image_size,
+        exif_transpose=identity.exif_transpose,
+    )
+
+
+def check_compatible(index: IndexVersion, extractor: FeatureExtractor) -> None:
+    identity = index.identity
+    got = (extractor.info.fingerprint, str(extractor.local_mode), extractor.preprocessing.image_size[0])
+    want = (identity.fingerprint, identity.local_mode, identity.image_size)
+    if got != want:
+        raise CheckpointMismatch(
+            f"index {index.name} was built with checkpoint {want[0]} "
+            f"({index.manifest['checkpoint']['description']}), local mode {want[1]}, image size {want[2]}; "
+            f"this model is {got[0]}, {got[1]}, {got[2]}. "
+            "Use that checkpoint, or rebuild the index."
+        )
