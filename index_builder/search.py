@@ -161,7 +161,8 @@ def extractor_for(
 ) -> FeatureExtractor:
     """The model the index was built with (from its manifest unless given), set up exactly as then."""
     identity = index.identity
-    source = checkpoint or index.manifest["checkpoint"]["source"]
+    recorded = index.manifest["checkpoint"]
+    source = checkpoint or recorded.get("spec") or recorded["source"]
     loaded = load_model(source, resolve_device(device))
     return FeatureExtractor(
         loaded,

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from index_builder.geo import from_utm, parse_zone, to_utm
+from model.errors import SelavprError
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class ReferenceImage:
 def scan_references(root: Path) -> list[ReferenceImage]:
     """Every image under root (hidden files and folders skipped), sorted by relative path."""
     if not root.is_dir():
-        raise FileNotFoundError(f"references folder {root} does not exist")
+        raise SelavprError(f"references folder {root} does not exist or is not a folder")
     images = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))

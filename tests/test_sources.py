@@ -14,6 +14,7 @@ from index_builder.sources import (
     read_location_csvs,
     scan_references,
 )
+from model.errors import SelavprError
 
 
 def test_scan_skips_hidden_and_non_images(tmp_path):
@@ -22,7 +23,7 @@ def test_scan_skips_hidden_and_non_images(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
     assert [i.rel_path for i in scan_references(tmp_path)] == ["a.png", "b/x.JPG", "c/d/e.webp"]
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SelavprError, match="does not exist"):
         scan_references(tmp_path / "missing")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import rerank
+from bench import index, rerank
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,8 +12,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     which = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
     rerank_parser = which.add_parser("rerank", help="MNN re-ranking engine vs the full-tensor matcher")
     rerank.build_parser(rerank_parser).set_defaults(run=run_rerank)
+    index_parser = which.add_parser(
+        "index", help="index build throughput, storage, serving memory, ANN recall"
+    )
+    index.build_parser(index_parser).set_defaults(run=run_index)
 
 
 def run_rerank(args: argparse.Namespace) -> int:
     rerank.run(args)
+    return 0
+
+
+def run_index(args: argparse.Namespace) -> int:
+    index.run(args)
     return 0
