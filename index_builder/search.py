@@ -60,6 +60,22 @@ class LocalizeResult:
         return asdict(self)
 
 
+@dataclass
+class Query:
+    """A decoded, preprocessed query image and what decoding it cost."""
+
+    tensor: torch.Tensor
+    decode_s: float
+
+
+def prepare_query(extractor: FeatureExtractor, source: ImageSource, name: str | None = None) -> Query:
+    """Decode and preprocess one query image (CPU work, no model): ImageDecodeError if it cannot."""
+    start = time.perf_counter()
+    prep = extractor.preprocessing
+    tensor = prep.transform(open_rgb(source, prep.exif_transpose, prep.max_pixels, name))
+    return Query(tensor, time.perf_counter() - start)
+
+
 class Localizer:
     def __init__(
         self, index: IndexVersion, extractor: FeatureExtractor, precision: str | None = None
@@ -74,6 +90,42 @@ class Localizer:
         index = IndexVersion.open_current(index_dir)
         return cls(index, extractor_for(index, checkpoint, device))
 
+    def prepare(self, source: ImageSource, name: str | None = None) -> Query:
+        return prepare_query(self.extractor, source, name)
+
+    def run(
+        self,
+        queries: Sequence[Query],
+        top_k: Sequence[int] | int = DEFAULT_TOP_K,
+        rerank_k: Sequence[int] | int = DEFAULT_RERANK_K,
+    ) -> list[LocalizeResult]:
+        """Prepared queries -> results: one model forward for all, one global search, then each query's
+        re-ranking. top_k and rerank_k may differ per query."""
+        n = len(queries)
+        top_ks = [top_k] * n if isinstance(top_k, int) else list(top_k)
+        rerank_ks = [rerank_k] * n if isinstance(rerank_k, int) else list(rerank_k)
+        start = time.perf_counter()
+        global_desc, local = self.extractor.extract_tensors(torch.stack([q.tensor for q in queries]))
+        global_desc, local = global_desc.float().cpu().numpy(), local.float().cpu()
+        extracted = time.perf_counter()
+        scores, ids = global_search(self.index.index, global_desc, max(max(rerank_ks), max(top_ks)))
+        search_s = time.perf_counter() - extracted
+        results = []
+        for i, query in enumerate(queries):
+            rerank_start = time.perf_counter()
+            depth = max(rerank_ks[i], top_ks[i])
+            result = self._rerank(local[i], scores[i, :depth], ids[i, :depth], top_ks[i])
+            timings = {
+                "decode": query.decode_s,
+                "extract": extracted - start,
+                "search": search_s,
+                "rerank": time.perf_counter() - rerank_start,
+            }
+            timings["total"] = sum(timings.values())
+            result.timings_ms = {k: round(v * 1e3, 2) for k, v in timings.items()}
+            results.append(result)
+        return results
+
     def localize(
         self,
         source: ImageSource,
@@ -81,39 +133,7 @@ class Localizer:
         top_k: int = DEFAULT_TOP_K,
         rerank_k: int = DEFAULT_RERANK_K,
     ) -> LocalizeResult:
-        return self.localize_batch([source], [name], top_k, rerank_k)[0]
-
-    def localize_batch(
-        self,
-        sources: Sequence[ImageSource],
-        names: Sequence[str | None] | None = None,
-        top_k: int = DEFAULT_TOP_K,
-        rerank_k: int = DEFAULT_RERANK_K,
-    ) -> list[LocalizeResult]:
-        """Several queries, one model forward. Undecodable images raise ImageDecodeError."""
-        start = time.perf_counter()
-        prep = self.extractor.preprocessing
-        names = list(names) if names is not None else [None] * len(sources)
-        images = [
-            open_rgb(s, prep.exif_transpose, prep.max_pixels, n) for s, n in zip(sources, names, strict=True)
-        ]
-        batch = torch.stack([prep.transform(image) for image in images])
-        decoded = time.perf_counter()
-        global_desc, local = self.extractor.extract_tensors(batch)
-        global_desc, local = global_desc.float().cpu().numpy(), local.float().cpu()
-        extracted = time.perf_counter()
-        scores, ids = global_search(self.index.index, global_desc, max(rerank_k, top_k))
-        searched = time.perf_counter()
-        shared = {"decode": decoded - start, "extract": extracted - decoded, "search": searched - extracted}
-        results = []
-        for q in range(len(images)):
-            rerank_start = time.perf_counter()
-            result = self._rerank(local[q], scores[q], ids[q], top_k)
-            rerank = time.perf_counter() - rerank_start
-            timings = {**shared, "rerank": rerank, "total": sum(shared.values()) + rerank}
-            result.timings_ms = {k: round(v * 1e3, 2) for k, v in timings.items()}
-            results.append(result)
-        return results
+        return self.run([self.prepare(source, name)], top_k, rerank_k)[0]
 
     def _rerank(
         self, query_local: torch.Tensor, scores: np.ndarray, ids: np.ndarray, top_k: int

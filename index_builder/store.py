@@ -25,6 +25,7 @@ import shutil
 import sqlite3
 import time
 import uuid
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -341,6 +342,8 @@ class IndexVersion:
         self.id_shard = np.array([shard_index[r["shard"]] for r in locations], dtype=np.int32)
         self.id_row = np.array([r["row"] for r in locations], dtype=np.int32)
         self.shards = [ShardFiles(index_dir / SHARDS / s) for s in self.shard_names]
+        # a version dropped without close() (a server swapping in a newer one) still releases its files
+        self._finalizer = weakref.finalize(self, _close_version, self.shards, self.db)
 
     @classmethod
     def open_current(cls, index_dir: str | os.PathLike) -> IndexVersion:
@@ -379,9 +382,13 @@ class IndexVersion:
         return out
 
     def close(self) -> None:
-        for shard in self.shards:
-            shard.close()
-        self.db.close()
+        self._finalizer()
+
+
+def _close_version(shards: list[ShardFiles], db: sqlite3.Connection) -> None:
+    for shard in shards:
+        shard.close()
+    db.close()
 
 
 class StoredMaps:

@@ -10,4 +10,15 @@ class CheckpointError(SelavprError):
 
 
 class ImageDecodeError(SelavprError):
-    """An image is missing, empty, corrupt, truncated, of an unknown format or too large."""
+    """An image is missing, empty, corrupt, truncated, of an unknown format or too large. `kind` says
+    which, so that a service can answer with the right status."""
+
+    EMPTY = "empty"
+    MISSING = "missing"
+    UNRECOGNISED = "unrecognised"
+    CORRUPT = "corrupt"
+    TOO_MANY_PIXELS = "too_many_pixels"
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind

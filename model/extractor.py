@@ -13,7 +13,7 @@ import torch
 from model.checkpoints import LoadedModel, load_model
 from model.config import LocalMode, local_side
 from model.errors import ImageDecodeError
-from model.preprocess import ImageSource, Preprocessing, square
+from model.preprocess import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, square
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,16 @@ class FeatureExtractor:
         image_size: int | None = None,
         exif_transpose: bool = True,
         batch_size: int = 8,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.model = loaded.model
         self.info = loaded.info
         self.device = next(self.model.parameters()).device
         self.local_mode = self.info.check_local_mode(LocalMode(local_mode or self.info.default_local_mode))
         self.preprocessing = Preprocessing(
-            image_size=square(image_size or self.info.image_size), exif_transpose=exif_transpose
+            image_size=square(image_size or self.info.image_size),
+            exif_transpose=exif_transpose,
+            max_pixels=max_pixels,
         )
         self.batch_size = batch_size
 

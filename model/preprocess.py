@@ -100,19 +100,20 @@ def open_rgb(
     label = name or (str(source) if isinstance(source, str | os.PathLike) else "<upload>")
     if isinstance(source, bytes):
         if not source:
-            raise ImageDecodeError(f"{label}: empty file (0 bytes)")
+            raise ImageDecodeError(f"{label}: empty file (0 bytes)", ImageDecodeError.EMPTY)
         source = io.BytesIO(source)
     elif (
         isinstance(source, str | os.PathLike) and Path(source).is_file() and Path(source).stat().st_size == 0
     ):
-        raise ImageDecodeError(f"{label}: empty file (0 bytes)")
+        raise ImageDecodeError(f"{label}: empty file (0 bytes)", ImageDecodeError.EMPTY)
     try:
         with Image.open(source) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(
                     f"{label}: {width}x{height} pixels exceeds the limit of {max_pixels:,} "
-                    "(possible decompression bomb)"
+                    "(possible decompression bomb)",
+                    ImageDecodeError.TOO_MANY_PIXELS,
                 )
             image.load()
             oriented = _exif_transposed(image) if exif_transpose else image
@@ -122,11 +123,17 @@ def open_rgb(
     except ImageDecodeError:
         raise
     except FileNotFoundError:
-        raise ImageDecodeError(f"{label}: no such file") from None
+        raise ImageDecodeError(f"{label}: no such file", ImageDecodeError.MISSING) from None
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"{label}: not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(f"{label}: corrupt or truncated image ({exc})") from None
+        raise ImageDecodeError(
+            f"{label}: not a recognised image format", ImageDecodeError.UNRECOGNISED
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"{label}: {exc}", ImageDecodeError.TOO_MANY_PIXELS) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(
+            f"{label}: corrupt or truncated image ({exc})", ImageDecodeError.CORRUPT
+        ) from None
 
 
 def _exif_transposed(image: Image.Image) -> Image.Image:

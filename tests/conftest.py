@@ -41,3 +41,8 @@ def shared_embeddings(shared_data):
     paths = sorted((shared_data / "matching_triplets").glob("p*/i*/*.jpg"))
     paths += sorted((shared_data / "tokyo_pair").glob("*"))
     return paths, FeatureExtractor.from_checkpoint("default", device="cpu").embed(paths)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"

@@ -1,0 +1,50 @@
+"""FastAPI dependencies: the service state, settings, API keys, and the top_k / rerank_k parameters."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Header, Request
+
+from app.errors import ApiError
+from app.service import VPRService
+from app.settings import Settings
+
+
+def get_service(request: Request) -> VPRService:
+    return request.app.state.service
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _check_key(expected: str | None, given: str | None) -> None:
+    if expected and not hmac.compare_digest((given or "").encode(), expected.encode()):
+        raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
+
+
+def require_admin_key(request: Request, x_api_key: str | None = Header(None)) -> None:
+    """State-changing /index calls, when SELAVPR_API_KEY is set."""
+    _check_key(get_settings(request).api_key, x_api_key)
+
+
+def require_localize_key(request: Request, x_api_key: str | None = Header(None)) -> None:
+    """/localize, only when SELAVPR_LOCALIZE_API_KEY is set."""
+    _check_key(get_settings(request).localize_api_key, x_api_key)
+
+
+def resolve_k(request: Request, name: str, form_value: int | None, default: int, maximum: int) -> int:
+    """A query or form field, defaulted and bounded; 422 when out of range or not an integer."""
+    value: int | str | None = form_value
+    if value is None:
+        value = request.query_params.get(name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(422, "validation_error", f"{name}: {value!r} is not an integer") from None
+    if not 1 <= number <= maximum:
+        raise ApiError(422, "validation_error", f"{name}: {number} is outside 1..{maximum}")
+    return number

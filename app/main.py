@@ -1,0 +1,79 @@
+"""The FastAPI application: routers, error handlers, upload limits, request metrics, start-up."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import install_error_handlers
+from app.limits import BodySizeLimit
+from app.metrics import Metrics
+from app.routers import health, index, localize
+from app.service import VPRService
+from app.settings import Settings
+
+UPLOAD_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the file itself
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    service = VPRService(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="selavpr", summary="Visual place recognition (SelaVPR)", lifespan=lifespan)
+    app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
+    install_error_handlers(app, lambda kind: metrics.errors.labels(kind).inc())
+    routers = (localize.router, index.router, health.router)
+    for router in routers:
+        app.include_router(router)
+    routes = {route.path for router in routers for route in router.routes}
+
+    def body_limit(path: str) -> int | None:
+        single = settings.max_upload_bytes + UPLOAD_OVERHEAD
+        if path == "/localize":
+            return single
+        if path in ("/localize/batch", "/index/images"):
+            return single * settings.max_images_per_request
+        return None
+
+    app.add_middleware(
+        BodySizeLimit, limit_for=body_limit, on_refused=lambda: metrics.errors.labels("too_large").inc()
+    )
+    app.add_middleware(RequestMetrics, metrics=metrics, known_paths=routes)
+    return app
+
+
+class RequestMetrics:
+    """Counts requests by endpoint and status, and times them (unknown paths share one label)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_paths: set[str]) -> None:
+        self.app, self.metrics, self.known = app, metrics, known_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope["path"] if scope["path"] in self.known else "other"
+        status = 500
+        start = time.perf_counter()
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)

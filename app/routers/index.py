@@ -1,0 +1,91 @@
+"""/index: rebuild, status, and uploading reference images."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from app.dependencies import get_service, get_settings, require_admin_key
+from app.errors import ApiError
+from app.references import check_reference, write_reference
+from app.schemas import ErrorResponse, IndexStatusResponse, RebuildJob, UploadResponse
+from app.service import VPRService
+from app.settings import Settings
+
+router = APIRouter(prefix="/index", tags=["index"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+
+
+def _job(service: VPRService) -> dict:
+    if service.rebuilds is None:
+        raise ApiError(503, "unavailable", "the model is loading")
+    status = service.rebuilds.request()
+    return {"job_id": status.job_id, "state": status.state}
+
+
+@router.post(
+    "/rebuild",
+    status_code=202,
+    response_model=RebuildJob,
+    responses=ERRORS,
+    dependencies=[Depends(require_admin_key)],
+)
+def rebuild(service: VPRService = Depends(get_service)) -> dict:
+    """Start a rebuild from the references folder; a request while one runs joins it."""
+    return _job(service)
+
+
+@router.get("/status", response_model=IndexStatusResponse)
+def status(service: VPRService = Depends(get_service)) -> dict:
+    rebuilds = service.rebuilds.status if service.rebuilds else None
+    localizer = service.localizer
+    return {
+        "state": rebuilds.state if rebuilds else "idle",
+        "progress": rebuilds.progress.to_dict() if rebuilds and rebuilds.progress else None,
+        "index_version": localizer.index.name if localizer else None,
+        "num_images": len(localizer.index) if localizer else 0,
+        "last_report": rebuilds.last_report.summary() if rebuilds and rebuilds.last_report else None,
+        "last_error": rebuilds.last_error if rebuilds else service.index_problem,
+    }
+
+
+@router.post(
+    "/images",
+    status_code=201,
+    response_model=UploadResponse,
+    responses=ERRORS,
+    dependencies=[Depends(require_admin_key)],
+)
+async def upload_images(
+    image: list[UploadFile] = File(..., description="reference photos; stored under server-chosen names"),
+    lat: list[float] | None = Form(None, description="one per image, in order, with lon"),
+    lon: list[float] | None = Form(None),
+    rebuild: bool = Query(False, description="start a rebuild once stored"),
+    service: VPRService = Depends(get_service),
+    settings: Settings = Depends(get_settings),
+) -> dict:
+    if len(image) > settings.max_images_per_request:
+        raise ApiError(
+            413, "too_many_images", f"at most {settings.max_images_per_request} images per request"
+        )
+    if (
+        (lat is None) != (lon is None)
+        or (lat is not None and len(lat) != len(image))
+        or (lon is not None and len(lon) != len(image))
+    ):
+        raise ApiError(422, "validation_error", "lat and lon: both or neither, one of each per image")
+    locations = list(zip(lat, lon, strict=True)) if lat is not None else [None] * len(image)
+    for location in locations:
+        if location and not (-90 <= location[0] <= 90 and -180 <= location[1] <= 180):
+            raise ApiError(422, "validation_error", f"lat/lon {location} out of range")
+    payloads = []
+    for upload in image:  # everything is checked before anything is written
+        data = await upload.read()
+        if len(data) > settings.max_upload_bytes:
+            raise ApiError(413, "payload_too_large", f"image over {settings.max_upload_bytes:,} bytes")
+        payloads.append((data, await run_in_threadpool(check_reference, data, settings.max_pixels)))
+    stored = [
+        await run_in_threadpool(write_reference, settings.references, data, suffix, location)
+        for (data, suffix), location in zip(payloads, locations, strict=True)
+    ]
+    return {"stored": stored, "rebuild": _job(service) if rebuild else None}

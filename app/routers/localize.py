@@ -1,0 +1,66 @@
+"""POST /localize and /localize/batch: photos in, matching reference images and a location out."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from app.dependencies import get_service, get_settings, require_localize_key, resolve_k
+from app.errors import ApiError
+from app.schemas import BatchResponse, ErrorResponse, LocalizeResponse
+from app.service import VPRService
+from app.settings import Settings
+
+router = APIRouter(tags=["localize"], dependencies=[Depends(require_localize_key)])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+
+
+async def _read(upload: UploadFile, settings: Settings) -> bytes:
+    data = await upload.read()
+    if len(data) > settings.max_upload_bytes:
+        raise ApiError(413, "payload_too_large", f"image over {settings.max_upload_bytes:,} bytes")
+    return data
+
+
+def _ks(request: Request, settings: Settings, top_k: int | None, rerank_k: int | None) -> tuple[int, int]:
+    return (
+        resolve_k(request, "top_k", top_k, settings.default_top_k, settings.max_top_k),
+        resolve_k(request, "rerank_k", rerank_k, settings.default_rerank_k, settings.max_rerank_k),
+    )
+
+
+@router.post("/localize", response_model=LocalizeResponse, responses=ERRORS)
+async def localize(
+    request: Request,
+    image: UploadFile = File(..., description="the query photo"),
+    top_k: int | None = Form(None, description="matches returned (also a query parameter); default 5"),
+    rerank_k: int | None = Form(
+        None, description="candidates re-ranked (also a query parameter); default 100"
+    ),
+    service: VPRService = Depends(get_service),
+    settings: Settings = Depends(get_settings),
+) -> dict:
+    k, rk = _ks(request, settings, top_k, rerank_k)
+    query = await run_in_threadpool(service.prepare, await _read(image, settings))
+    return (await service.localize(query, k, rk)).to_dict()
+
+
+@router.post("/localize/batch", response_model=BatchResponse, responses=ERRORS)
+async def localize_batch(
+    request: Request,
+    image: list[UploadFile] = File(..., description="several `image` fields; one result each, in order"),
+    top_k: int | None = Form(None),
+    rerank_k: int | None = Form(None),
+    service: VPRService = Depends(get_service),
+    settings: Settings = Depends(get_settings),
+) -> dict:
+    if len(image) > settings.max_images_per_request:
+        raise ApiError(
+            413, "too_many_images", f"at most {settings.max_images_per_request} images per request"
+        )
+    k, rk = _ks(request, settings, top_k, rerank_k)
+    queries = [await run_in_threadpool(service.prepare, await _read(upload, settings)) for upload in image]
+    results = await asyncio.gather(*(service.localize(q, k, rk) for q in queries))  # one batch
+    return {"results": [r.to_dict() for r in results]}

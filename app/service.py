@@ -1,0 +1,148 @@
+"""The running service: the model, the served index version, the batcher and the rebuilds.
+
+Loaded once at start-up. The served version is swapped atomically when a rebuild publishes a new one;
+batches already running keep the version they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from app.batching import MicroBatcher
+from app.errors import ServiceUnavailable
+from app.metrics import Metrics
+from app.rebuild import RebuildManager
+from app.settings import Settings
+from index_builder.builder import BuildConfig, BuildProgress, BuildReport
+from index_builder.search import CheckpointMismatch, Localizer, LocalizeResult, Query, prepare_query
+from index_builder.sources import scan_references
+from index_builder.store import IndexNotFound, IndexStoreError, IndexVersion
+from model.errors import SelavprError
+from model.extractor import FeatureExtractor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalizeJob:
+    query: Query
+    top_k: int
+    rerank_k: int
+
+
+class VPRService:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings, self.metrics = settings, metrics
+        self.extractor: FeatureExtractor | None = None
+        self.localizer: Localizer | None = None
+        self.index_problem: str | None = "starting"
+        self.rebuilds: RebuildManager | None = None
+        self.batcher = MicroBatcher(
+            self._run_batch,
+            settings.max_batch_size,
+            settings.max_batch_wait_ms / 1e3,
+            on_batch=metrics.batch_size.observe,
+        )
+
+    # --- life cycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        if self.rebuilds:
+            self.rebuilds.wait(timeout=5)
+
+    def _load(self) -> None:
+        s = self.settings
+        self.extractor = FeatureExtractor.from_checkpoint(
+            s.checkpoint, s.device, image_size=s.image_size, local_mode=s.local_mode, max_pixels=s.max_pixels
+        )
+        log.info("serving %s on %s", self.extractor.info.description, self.extractor.device)
+        self.rebuilds = RebuildManager(
+            BuildConfig(references=s.references, index_dir=s.index_dir, grace_seconds=s.grace_seconds),
+            self.extractor,
+            on_published=self._published,
+            on_progress=self._progress,
+            on_finished=self._finished,
+        )
+        self.reload_index()
+        if self.localizer is None and s.build_on_start and _has_images(s.references):
+            log.info("no usable index in %s; building one from %s", s.index_dir, s.references)
+            self.rebuilds.request()
+
+    # --- the served index ----------------------------------------------------------------------------
+
+    def reload_index(self) -> None:
+        """Open the published version and serve it (the previous one closes when its last batch ends)."""
+        try:
+            version = IndexVersion.open_current(self.settings.index_dir)
+        except (IndexNotFound, IndexStoreError) as exc:
+            self.index_problem = str(exc)
+            return
+        try:
+            localizer = Localizer(version, self.extractor, self.settings.precision)
+        except CheckpointMismatch as exc:
+            version.close()
+            self.index_problem = f"{exc} (POST /index/rebuild re-encodes it with the served model)"
+            log.error("%s", self.index_problem)
+            return
+        self.localizer, self.index_problem = localizer, None
+        self.metrics.index_images.set(len(version))
+        self.metrics.index_version.info({"version": version.name})
+        log.info("serving index %s (%d images)", version.name, len(version))
+
+    def _published(self, report: BuildReport) -> None:
+        self.reload_index()
+
+    def _progress(self, progress: BuildProgress) -> None:
+        self.metrics.rebuild_progress.set(progress.done / progress.total if progress.total else 0.0)
+
+    def _finished(self, outcome: str, seconds: float) -> None:
+        self.metrics.rebuilds.labels(outcome).inc()
+        self.metrics.rebuild_seconds.observe(seconds)
+        self.metrics.rebuild_progress.set(0.0)
+
+    def readiness(self) -> str | None:
+        """None when ready; otherwise why not."""
+        if self.extractor is None:
+            return "the model is loading"
+        if self.localizer is None:
+            running = self.rebuilds is not None and self.rebuilds.status.state == "running"
+            if running:
+                return f"an index is being built ({self.index_problem})"
+            return f"no index: {self.index_problem}"
+        return None
+
+    # --- localize ------------------------------------------------------------------------------------
+
+    def prepare(self, data: bytes) -> Query:
+        """Decode and preprocess an upload (runs in a worker thread, never on the event loop)."""
+        if self.extractor is None:
+            raise ServiceUnavailable("the model is loading")
+        return prepare_query(self.extractor, data, "upload")
+
+    async def localize(self, query: Query, top_k: int, rerank_k: int) -> LocalizeResult:
+        if self.localizer is None:
+            raise ServiceUnavailable(self.readiness() or "no index")
+        result = await self.batcher.submit(LocalizeJob(query, top_k, rerank_k))
+        self.metrics.observe_timings(result.timings_ms)
+        return result
+
+    def _run_batch(self, jobs: Sequence[LocalizeJob]) -> list[LocalizeResult]:
+        localizer = self.localizer  # one version for the whole batch
+        if localizer is None:
+            raise ServiceUnavailable(self.readiness() or "no index")
+        return localizer.run([j.query for j in jobs], [j.top_k for j in jobs], [j.rerank_k for j in jobs])
+
+
+def _has_images(references) -> bool:
+    try:
+        return bool(scan_references(references))
+    except SelavprError:
+        return False
