@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from app.heap import trim_heap
 from index_builder.builder import BuildConfig, BuildProgress, BuildReport, build_index
 from model.extractor import FeatureExtractor
 
@@ -67,6 +68,7 @@ class RebuildManager:
             return
         try:
             self.on_published(report)
+            trim_heap()  # the build's batches were freed; give the pages back
         finally:
             with self._lock:
                 self.status.state, self.status.last_report, self.status.last_error = "idle", report, None

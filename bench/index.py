@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.rerank import DEFAULT_SHARED, machine
+from bench.common import DEFAULT_SHARED, emit, machine
 from index_builder.builder import BuildConfig, build_index, encoding_identity
 from index_builder.global_index import GlobalIndexConfig, build_global_index, search
 from index_builder.store import (
@@ -359,10 +359,7 @@ def run(args: argparse.Namespace) -> dict:
             report["memory"] = bench_memory(args.shared_data, work, args.memory_images)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return report
 
 

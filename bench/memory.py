@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from pathlib import Path
 
 import torch
+
+from app.heap import trim_heap
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -33,7 +33,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            _malloc_trim()  # hand freed heap back, so reuse of retained memory cannot hide a peak
+            trim_heap()  # hand freed heap back, so reuse of retained memory cannot hide a peak
             CLEAR_REFS.write_text("5")  # resets VmHWM (the peak resident set) to the current VmRSS
             self._base = _status_kib("VmRSS") * 1024
         return self
@@ -45,9 +45,3 @@ class PeakMemory:
         else:
             peak = _status_kib("VmHWM") * 1024
         self.extra_mib = max(0, peak - self._base) / 2**20
-
-
-def _malloc_trim() -> None:
-    name = ctypes.util.find_library("c")
-    if name:
-        ctypes.CDLL(name).malloc_trim(0)

@@ -12,9 +12,6 @@ on maps of ../shared/data. Prints one JSON document.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -25,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.common import DEFAULT_SHARED, emit, machine
 from bench.memory import PeakMemory
 from model.matching import mnn_scores, rerank_order
 from model.matching.mnn import refine_candidates
 
 # (name, map side, channels): the local head at 224 px, and ViT-S patch tokens at 224 px.
 MODES = {"local_head": (61, 128), "patch_tokens": (16, 384)}
-DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def full_tensor_counts(query: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
@@ -184,31 +181,6 @@ def bench_real(shared: Path, precisions: list[str], device: torch.device) -> lis
     return rows
 
 
-def machine(device: torch.device) -> dict:
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else ""
-    )
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def _mib(*tensors: torch.Tensor) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
@@ -244,10 +216,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     if args.real and (args.shared_data / "matching_triplets").is_dir():
         report["real"] = bench_real(args.shared_data, precisions, device)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return report
 
 

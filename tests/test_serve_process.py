@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from tests.helpers import tiny_checkpoint
 
@@ -19,6 +21,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def load_test(base: str, refs) -> dict:
+    from bench import load
+
+    args = load.build_parser().parse_args(
+        ["--url", base, "--clients", "2", "--seconds", "2", "--memory-every", "1"]
+    )
+    args.images = sorted(refs.rglob("*.jpg"))
+    return asyncio.run(load.run(args))
+
+
+def test_load_bench_refuses_remote_hosts():
+    from bench import load
+
+    with pytest.raises(SystemExit, match="loopback"):
+        load.require_loopback("http://192.0.2.1:8000")
+    load.require_loopback("http://localhost:8000")
 
 
 def test_serve_builds_serves_and_stops(tmp_path, shared_data):
@@ -62,6 +82,9 @@ def test_serve_builds_serves_and_stops(tmp_path, shared_data):
         assert response.json()["matches"][0]["path"] == image.relative_to(refs).as_posix()
         assert httpx.post(f"{base}/index/rebuild", timeout=5).status_code == 401  # key from the environment
         assert httpx.get(f"{base}/metrics", timeout=5).text.count("selavpr_requests_total") > 0
+        report = load_test(base, refs)
+        assert report["errors"] == {} and report["requests_ok"] > 0
+        assert set(report["server_stage_ms"]) == {"decode", "extract", "search", "rerank", "total"}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

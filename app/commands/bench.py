@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import index, rerank
+from bench import index, load, rerank
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "index", help="index build throughput, storage, serving memory, ANN recall"
     )
     index.build_parser(index_parser).set_defaults(run=run_index)
+    load_parser = which.add_parser("load", help="concurrent /localize clients against a running server")
+    load.build_parser(load_parser).set_defaults(run=load.execute)
 
 
 def run_rerank(args: argparse.Namespace) -> int:

@@ -43,8 +43,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.heap import limit_arenas
     from app.main import create_app
 
+    limit_arenas()
     settings = settings_from(args)
     settings.index_dir.mkdir(parents=True, exist_ok=True)
     settings.references.mkdir(parents=True, exist_ok=True)

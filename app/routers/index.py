@@ -11,6 +11,7 @@ from app.references import check_reference, write_reference
 from app.schemas import ErrorResponse, IndexStatusResponse, RebuildJob, UploadResponse
 from app.service import VPRService
 from app.settings import Settings
+from app.uploads import read_uploads
 
 router = APIRouter(prefix="/index", tags=["index"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
@@ -64,28 +65,25 @@ async def upload_images(
     service: VPRService = Depends(get_service),
     settings: Settings = Depends(get_settings),
 ) -> dict:
-    if len(image) > settings.max_images_per_request:
-        raise ApiError(
-            413, "too_many_images", f"at most {settings.max_images_per_request} images per request"
-        )
-    if (
-        (lat is None) != (lon is None)
-        or (lat is not None and len(lat) != len(image))
-        or (lon is not None and len(lon) != len(image))
-    ):
-        raise ApiError(422, "validation_error", "lat and lon: both or neither, one of each per image")
-    locations = list(zip(lat, lon, strict=True)) if lat is not None else [None] * len(image)
-    for location in locations:
-        if location and not (-90 <= location[0] <= 90 and -180 <= location[1] <= 180):
-            raise ApiError(422, "validation_error", f"lat/lon {location} out of range")
+    locations = _locations(lat, lon, len(image))
     payloads = []
-    for upload in image:  # everything is checked before anything is written
-        data = await upload.read()
-        if len(data) > settings.max_upload_bytes:
-            raise ApiError(413, "payload_too_large", f"image over {settings.max_upload_bytes:,} bytes")
+    for data in await read_uploads(image, settings):  # everything is checked before anything is written
         payloads.append((data, await run_in_threadpool(check_reference, data, settings.max_pixels)))
     stored = [
         await run_in_threadpool(write_reference, settings.references, data, suffix, location)
         for (data, suffix), location in zip(payloads, locations, strict=True)
     ]
     return {"stored": stored, "rebuild": _job(service) if rebuild else None}
+
+
+def _locations(
+    lat: list[float] | None, lon: list[float] | None, count: int
+) -> list[tuple[float, float] | None]:
+    if (lat is None) != (lon is None) or (lat is not None and not len(lat) == len(lon) == count):
+        raise ApiError(422, "validation_error", "lat and lon: both or neither, one of each per image")
+    if lat is None:
+        return [None] * count
+    for pair in zip(lat, lon, strict=True):
+        if not (-90 <= pair[0] <= 90 and -180 <= pair[1] <= 180):
+            raise ApiError(422, "validation_error", f"lat/lon {pair} out of range")
+    return list(zip(lat, lon, strict=True))

@@ -8,20 +8,13 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.dependencies import get_service, get_settings, require_localize_key, resolve_k
-from app.errors import ApiError
 from app.schemas import BatchResponse, ErrorResponse, LocalizeResponse
 from app.service import VPRService
 from app.settings import Settings
+from app.uploads import read_uploads
 
 router = APIRouter(tags=["localize"], dependencies=[Depends(require_localize_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
-
-
-async def _read(upload: UploadFile, settings: Settings) -> bytes:
-    data = await upload.read()
-    if len(data) > settings.max_upload_bytes:
-        raise ApiError(413, "payload_too_large", f"image over {settings.max_upload_bytes:,} bytes")
-    return data
 
 
 def _ks(request: Request, settings: Settings, top_k: int | None, rerank_k: int | None) -> tuple[int, int]:
@@ -43,7 +36,8 @@ async def localize(
     settings: Settings = Depends(get_settings),
 ) -> dict:
     k, rk = _ks(request, settings, top_k, rerank_k)
-    query = await run_in_threadpool(service.prepare, await _read(image, settings))
+    (data,) = await read_uploads([image], settings)
+    query = await run_in_threadpool(service.prepare, data)
     return (await service.localize(query, k, rk)).to_dict()
 
 
@@ -56,11 +50,7 @@ async def localize_batch(
     service: VPRService = Depends(get_service),
     settings: Settings = Depends(get_settings),
 ) -> dict:
-    if len(image) > settings.max_images_per_request:
-        raise ApiError(
-            413, "too_many_images", f"at most {settings.max_images_per_request} images per request"
-        )
     k, rk = _ks(request, settings, top_k, rerank_k)
-    queries = [await run_in_threadpool(service.prepare, await _read(upload, settings)) for upload in image]
+    queries = [await run_in_threadpool(service.prepare, data) for data in await read_uploads(image, settings)]
     results = await asyncio.gather(*(service.localize(q, k, rk) for q in queries))  # one batch
     return {"results": [r.to_dict() for r in results]}
