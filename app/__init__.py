@@ -1,1 +1,1 @@
-"""The application layer: the `selavpr` command line and (later) the HTTP service."""
+"""The application layer: the `selavpr` command line and the HTTP service."""

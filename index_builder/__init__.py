@@ -1,1 +1,1 @@
-"""Reference images -> versioned FAISS + local-feature index (see the index issue)."""
+"""Reference images -> a versioned FAISS + local-feature index, searching it, and evaluating on it."""
