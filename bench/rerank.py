@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.common import DEFAULT_SHARED, emit, machine
+from bench.common import DEFAULT_SHARED, emit, machine, untrained_head_model
 from bench.memory import PeakMemory
 from model.matching import mnn_scores, rerank_order
 from model.matching.mnn import refine_candidates
@@ -127,31 +127,23 @@ def _timing(run: dict) -> dict:
 
 
 def real_maps(shared: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """Local maps of the shared images from the default weights: the training-free patch tokens, and a
-    61x61x128 map from a seeded, untrained local head (the only one available offline)."""
-    from model.extractor import FeatureExtractor
+    """Local maps of the shared images from the default backbone: the training-free patch tokens, and a
+    61x61x128 map from a seeded, untrained local head (the only one available offline); one forward each."""
+    from model.config import LocalMode
+    from model.preprocess import Preprocessing
 
     paths = sorted((shared / "matching_triplets").glob("p*/i*/*.jpg")) + sorted(
         (shared / "tokyo_pair").glob("*")
     )
-    extractor = FeatureExtractor.from_checkpoint("default", device=str(device))
-    emb = extractor.embed(paths)
-    model = extractor.model
-    torch.manual_seed(0)
-    for conv in (model.LocalAdapt.upconv1, model.LocalAdapt.upconv2):
-        conv.reset_parameters()
+    model = untrained_head_model(device).model
+    prep = Preprocessing()
+    tokens, head = [], []
     with torch.inference_mode():
-        tokens = torch.from_numpy(emb.local).to(device)  # (N, 16, 16, 384), unit norm
-        head = torch.stack([_head_map(model, extractor, p) for p in paths])
-    return {"patch_tokens": tokens, "local_head (untrained head)": head}
-
-
-def _head_map(model, extractor, path) -> torch.Tensor:
-    from model.config import LocalMode
-
-    image = extractor.preprocessing.load(path)[None].to(extractor.device)
-    patch_map = model.patch_map(image)
-    return model.local_features(patch_map, LocalMode.LOCAL_HEAD)[0]
+        for path in paths:
+            patch_map = model.patch_map(prep.load(path)[None].to(device))
+            tokens.append(model.local_features(patch_map, LocalMode.PATCH_TOKENS)[0])
+            head.append(model.local_features(patch_map, LocalMode.LOCAL_HEAD)[0])
+    return {"patch_tokens": torch.stack(tokens), "local_head (untrained head)": torch.stack(head)}
 
 
 def bench_real(shared: Path, precisions: list[str], device: torch.device) -> list[dict]:

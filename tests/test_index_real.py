@@ -8,28 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from bench.common import untrained_head_checkpoint
 from index_builder.builder import BuildConfig, build_index
 from index_builder.store import IndexVersion
-from model.checkpoints import load_model, save_checkpoint
 from model.extractor import FeatureExtractor
 from model.matching import mnn_scores, rerank_order
 
 
 @pytest.fixture(scope="module")
 def head_checkpoint(tmp_path_factory):
-    """The default backbone with a seeded, untrained 61x61x128 local head: the only 61x61 maps offline."""
-    loaded = load_model("default")
-    torch.manual_seed(0)
-    for conv in (loaded.model.LocalAdapt.upconv1, loaded.model.LocalAdapt.upconv2):
-        conv.reset_parameters()
-    out = tmp_path_factory.mktemp("head") / "vits14-random-head"
-    return save_checkpoint(
-        loaded.model,
-        out,
-        description="ViT-S + untrained head",
-        trained_adapters=False,
-        trained_local_head=True,
-    )
+    return untrained_head_checkpoint(tmp_path_factory.mktemp("head") / "vits14-random-head")
 
 
 def test_int8_store_keeps_the_float32_top1_at_61x61(tmp_path, shared_data, head_checkpoint):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict
 
 from app.commands.common import print_json
-from model.checkpoints import load_model, save_checkpoint
+from model.checkpoints import CONFIG_FILE, load_model, save_checkpoint
 from model.default_weights import ensure_default_weights
 
 
@@ -26,8 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_default(args: argparse.Namespace) -> int:
     path = ensure_default_weights()
-    info = load_model(path).info
-    print_json({"path": str(path), "description": info.description, "fingerprint": info.fingerprint})
+    config = json.loads((path / CONFIG_FILE).read_text())  # no need to load the weights to describe them
+    print_json(
+        {"path": str(path), "description": config["description"], "fingerprint": config["fingerprint"]}
+    )
     return 0
 
 
