@@ -44,7 +44,7 @@ def emit(report: dict, out: Path | None) -> None:
 
 def untrained_head_model(device: str | torch.device = "cpu"):
     """The default backbone with a seeded, untrained 61x61x128 local head: the only 61x61 maps offline."""
-    from model.checkpoints import load_model
+    from model.loading import load_model
 
     loaded = load_model("default", device)
     torch.manual_seed(0)

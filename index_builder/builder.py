@@ -177,7 +177,7 @@ def build_index(
             "encoding": identity.to_dict(),
             "checkpoint": {
                 # what to load at search time: "default" stays portable across machines' caches
-                "spec": "default" if extractor.info.source == _default_source() else extractor.info.source,
+                "spec": extractor.info.spec or extractor.info.source,
                 "source": extractor.info.source,
                 "description": extractor.info.description,
                 "fingerprint": extractor.info.fingerprint,
@@ -204,12 +204,6 @@ def build_index(
         progress.phase, progress.done, progress.total = "done", len(records), len(records)
         notify(progress)
         return report
-
-
-def _default_source() -> str | None:
-    from model.default_weights import default_weights_dir
-
-    return str(default_weights_dir())
 
 
 def encoding_identity(extractor: FeatureExtractor, local_dtype: str) -> EncodingIdentity:

@@ -24,8 +24,8 @@ from index_builder.builder import BuildConfig, build_index
 from index_builder.global_index import search as global_search
 from index_builder.search import check_compatible, prepare_query
 from index_builder.store import IndexVersion
+from model.cache import cache_dir
 from model.datasets import VPRSplit
-from model.default_weights import cache_dir
 from model.extractor import FeatureExtractor
 from model.matching import mnn_scores, rerank_order
 

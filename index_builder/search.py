@@ -14,9 +14,9 @@ import torch
 
 from index_builder.global_index import search as global_search
 from index_builder.store import ImageRecord, IndexVersion
-from model.checkpoints import load_model
 from model.errors import SelavprError
 from model.extractor import FeatureExtractor, resolve_device
+from model.loading import load_model
 from model.matching import mnn_scores, rerank_order
 from model.preprocess import ImageSource, open_rgb
 

@@ -60,7 +60,7 @@ class CheckpointFormat(StrEnum):
 
 @dataclass
 class CheckpointInfo:
-    source: str
+    source: str  # the file or directory the weights were read from
     format: CheckpointFormat
     description: str
     fingerprint: str  # over the loaded tensors: the same weights give the same value in any format
@@ -68,6 +68,9 @@ class CheckpointInfo:
     trained_local_head: bool
     image_size: int = DEFAULT_IMAGE_SIZE
     metadata: dict[str, Any] = field(default_factory=dict)
+    # What the user asked for ('default', a registry name, a path): indexes record it, so that another
+    # machine resolves 'default' to its own cache rather than to this machine's path.
+    spec: str = ""
 
     @property
     def default_local_mode(self) -> LocalMode:
@@ -362,13 +365,10 @@ def _load_project_dir(path: Path) -> tuple[dict[str, torch.Tensor], SelaVPRConfi
 # --- entry point -----------------------------------------------------------------------------------------
 
 
-def load_model(spec: str | os.PathLike = "default", device: str | torch.device = "cpu") -> LoadedModel:
-    """Load any supported checkpoint ('default' included) onto a device, in eval mode."""
-    if str(spec) == "default":
-        from model.default_weights import ensure_default_weights
-
-        spec = ensure_default_weights()
-    path = Path(spec).expanduser()
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a checkpoint file or directory in any supported format onto a device, in eval mode.
+    Names such as 'default' are resolved by model.loading.load_model."""
+    path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory; {EXPECTED}")
     if path.is_dir():
@@ -394,6 +394,7 @@ def load_model(spec: str | os.PathLike = "default", device: str | torch.device =
         trained_local_head=trained_head,
         image_size=int(metadata.get("image_size", DEFAULT_IMAGE_SIZE)),
         metadata=metadata.get("metadata", {}),
+        spec=str(path),
     )
     log.info("loaded %s [%s, fingerprint %s] from %s", info.description, fmt, digest, path)
     return LoadedModel(model=model.to(device), info=info)

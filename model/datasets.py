@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from model.errors import SelavprError
@@ -77,12 +76,19 @@ class VPRSplit:
 
 
 def within(points: np.ndarray, references: np.ndarray, radius_m: float) -> list[np.ndarray]:
-    """For each point, the sorted indices of the references at most radius_m away (2-D, metres)."""
-    centre = references.mean(axis=0) if len(references) else np.zeros(2)
-    index = faiss.IndexFlatL2(2)
-    index.add(np.ascontiguousarray(references - centre, dtype=np.float32))
-    lims, _, ids = index.range_search(np.ascontiguousarray(points - centre, dtype=np.float32), radius_m**2)
-    return [np.sort(ids[lims[i] : lims[i + 1]]).astype(np.int64) for i in range(len(points))]
+    """For each point, the sorted indices of the references at most radius_m away (2-D, metres).
+    References are sorted by easting once; each point then checks only the band east +- radius."""
+    references = np.asarray(references, dtype=np.float64).reshape(-1, 2)
+    order = np.argsort(references[:, 0], kind="stable")
+    east = references[order, 0]
+    out = []
+    for x, y in np.asarray(points, dtype=np.float64).reshape(-1, 2):
+        lo = int(np.searchsorted(east, x - radius_m, side="left"))
+        hi = int(np.searchsorted(east, x + radius_m, side="right"))
+        band = order[lo:hi]
+        d2 = (references[band, 0] - x) ** 2 + (references[band, 1] - y) ** 2
+        out.append(np.sort(band[d2 <= radius_m**2]).astype(np.int64))
+    return out
 
 
 def _restrict(queries: list[Path], listing: Path, folder: Path) -> list[Path]:

@@ -12,7 +12,6 @@ import importlib.metadata
 import importlib.util
 import logging
 import math
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.cache import cache_dir
 from model.checkpoints import CONFIG_FILE, WEIGHTS_FILE, build_model, save_checkpoint
 from model.config import SelaVPRConfig, vit_config
 from model.errors import CheckpointError
@@ -52,13 +52,6 @@ NAMED = {
     "layer_scale1.lambda1": "ls1.gamma",
     "layer_scale2.lambda1": "ls2.gamma",
 }
-
-
-def cache_dir() -> Path:
-    """$SELAVPR_CACHE_DIR, else $XDG_CACHE_HOME/selavpr, else ~/.cache/selavpr."""
-    if explicit := os.environ.get("SELAVPR_CACHE_DIR"):
-        return Path(explicit).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selavpr"
 
 
 def default_weights_dir() -> Path:

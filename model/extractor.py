@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.checkpoints import LoadedModel, load_model
+from model.checkpoints import LoadedModel
 from model.config import LocalMode, local_side
 from model.errors import ImageDecodeError
+from model.loading import load_model
 from model.preprocess import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, square
 
 log = logging.getLogger(__name__)

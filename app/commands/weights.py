@@ -7,8 +7,9 @@ import json
 from dataclasses import asdict
 
 from app.commands.common import print_json
-from model.checkpoints import CONFIG_FILE, load_model, save_checkpoint
+from model.checkpoints import CONFIG_FILE, save_checkpoint
 from model.default_weights import ensure_default_weights
+from model.loading import load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
