@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics
-from app.routers import health, index, localize
+from app.routers import health, home, index, localize
 from app.service import VPRService
 from app.settings import Settings
 
@@ -32,7 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="selavpr", summary="Visual place recognition (SelaVPR)", lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     install_error_handlers(app, lambda kind: metrics.errors.labels(kind).inc())
-    routers = (localize.router, index.router, health.router)
+    routers = (home.router, localize.router, index.router, health.router)
     for router in routers:
         app.include_router(router)
     routes = {route.path for router in routers for route in router.routes}

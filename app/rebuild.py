@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.heap import trim_heap
-from index_builder.builder import BuildConfig, BuildProgress, BuildReport, build_index
+from index_builder.builder import BuildConfig, BuildProgress, build_index
+from index_builder.manifest import BuildReport
 from model.extractor import FeatureExtractor
 
 log = logging.getLogger(__name__)

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import io
 import os
 import tempfile
-import threading
+import unicodedata
 import uuid
 from pathlib import Path
 
 from PIL import Image
 
 from app.errors import ApiError
-from index_builder.sources import LOCATIONS_CSV
+from index_builder.locations import LOCATIONS_CSV, append_location_row
 from model.preprocess import open_rgb
 
 UPLOADS = "uploads"
 SUFFIX_BY_FORMAT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "HEIF": ".heic", "AVIF": ".avif"}
-_csv_lock = threading.Lock()
+MAX_NAME_CHARS = 200
 
 
 def check_reference(data: bytes, max_pixels: int) -> str:
@@ -33,17 +32,33 @@ def check_reference(data: bytes, max_pixels: int) -> str:
     return suffix
 
 
-def write_reference(references: Path, data: bytes, suffix: str, location: tuple[float, float] | None) -> dict:
-    """Write under references/uploads/<date>/<uuid><suffix> (never the upload's own name); a location
-    goes into uploads/locations.csv."""
+def display_name(filename: str | None) -> str | None:
+    """The uploaded file's own name as a label: its last path component, control characters removed,
+    at most MAX_NAME_CHARS. Only ever shown, never used as a path."""
+    if not filename:
+        return None
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = "".join(c for c in base if unicodedata.category(c)[0] != "C").strip()
+    return cleaned[:MAX_NAME_CHARS] or None
+
+
+def write_reference(
+    references: Path,
+    data: bytes,
+    suffix: str,
+    location: tuple[float, float] | None,
+    name: str | None = None,
+) -> dict:
+    """Write under references/uploads/<date>/<uuid><suffix> (never the upload's own name); the location
+    and display name go into uploads/locations.csv."""
     rel = f"{dt.datetime.now(dt.UTC):%Y%m%d}/{uuid.uuid4().hex}{suffix}"
     target = references / UPLOADS / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(target, data)
-    if location is not None:
-        _append_location(references / UPLOADS / LOCATIONS_CSV, rel, location)
+    if location is not None or name:
+        append_location_row(references / UPLOADS / LOCATIONS_CSV, rel, location, name)
     lat, lon = location if location else (None, None)
-    return {"path": f"{UPLOADS}/{rel}", "lat": lat, "lon": lon}
+    return {"name": name or target.name, "path": f"{UPLOADS}/{rel}", "lat": lat, "lon": lon}
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
@@ -57,15 +72,3 @@ def _write_atomically(target: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _append_location(csv_path: Path, rel: str, location: tuple[float, float]) -> None:
-    with _csv_lock:
-        new = not csv_path.exists()
-        with open(csv_path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(["path", "lat", "lon"])
-            writer.writerow([rel, f"{location[0]:.8f}", f"{location[1]:.8f}"])
-            f.flush()
-            os.fsync(f.fileno())

@@ -1,4 +1,5 @@
-"""Request and response bodies of the HTTP API, one pydantic model each."""
+"""Request and response bodies of the HTTP API, one pydantic model each. A localization's own shape is
+index_builder.results.LocalizeResult, shared with the CLI."""
 
 from __future__ import annotations
 
@@ -6,43 +7,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-
-class MatchModel(BaseModel):
-    id: int
-    path: str = Field(description="relative to the references folder")
-    rank: int = Field(description="1-based, after re-ranking")
-    global_score: float
-    mnn_matches: int
-    lat: float | None
-    lon: float | None
-    utm_east: float | None
-    utm_north: float | None
-
-
-class LocationModel(BaseModel):
-    lat: float
-    lon: float
-    source_id: int
-    confidence: float
-
-
-class Timings(BaseModel):
-    decode: float
-    extract: float
-    search: float
-    rerank: float
-    total: float
-
-
-class LocalizeResponse(BaseModel):
-    matches: list[MatchModel]
-    location: LocationModel | None
-    index_version: str
-    timings_ms: Timings
+from index_builder.results import LocalizeResult
 
 
 class BatchResponse(BaseModel):
-    results: list[LocalizeResponse]
+    results: list[LocalizeResult]
 
 
 class RebuildJob(BaseModel):
@@ -60,7 +29,10 @@ class IndexStatusResponse(BaseModel):
 
 
 class StoredImage(BaseModel):
-    path: str = Field(description="where it was stored, relative to the references folder")
+    name: str = Field(description="the display name: the uploaded file's own name, sanitised")
+    path: str = Field(
+        description="where it was stored (a server-chosen name), relative to the references folder"
+    )
     lat: float | None
     lon: float | None
 

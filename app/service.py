@@ -17,7 +17,9 @@ from app.metrics import Metrics
 from app.rebuild import RebuildManager
 from app.settings import Settings
 from index_builder.builder import BuildConfig, BuildProgress
-from index_builder.search import CheckpointMismatch, Localizer, LocalizeResult, Query, prepare_query
+from index_builder.errors import CheckpointMismatch
+from index_builder.results import LocalizeResult
+from index_builder.search import Localizer, Query, prepare_query
 from index_builder.sources import scan_references
 from index_builder.store import IndexNotFound, IndexStoreError, IndexVersion
 from model.errors import SelavprError
@@ -128,7 +130,7 @@ class VPRService:
         if self.localizer is None:
             raise ServiceUnavailable(self.readiness() or "no index")
         result = await self.batcher.submit(LocalizeJob(query, top_k, rerank_k))
-        self.metrics.observe_timings(result.timings_ms)
+        self.metrics.observe_timings(result.timings_ms.model_dump())
         return result
 
     def _run_batch(self, jobs: Sequence[LocalizeJob]) -> list[LocalizeResult]:

@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from index_builder.results import DEFAULT_RERANK_K, DEFAULT_TOP_K
+from index_builder.store import DEFAULT_GRACE_SECONDS
 from model.preprocess import DEFAULT_MAX_PIXELS
 
 MIB = 2**20
@@ -33,12 +35,12 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(16, ge=1, le=256)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
 
-    default_top_k: int = Field(5, ge=1)
+    default_top_k: int = Field(DEFAULT_TOP_K, ge=1)
     max_top_k: int = Field(100, ge=1)
-    default_rerank_k: int = Field(100, ge=1)
+    default_rerank_k: int = Field(DEFAULT_RERANK_K, ge=1)
     max_rerank_k: int = Field(1000, ge=1)
 
     api_key: str | None = None  # required in X-API-Key by every state-changing /index call when set
     localize_api_key: str | None = None  # required by /localize when set
     build_on_start: bool = True  # build when the index is empty and references exist
-    grace_seconds: float = Field(600.0, ge=0)
+    grace_seconds: float = Field(DEFAULT_GRACE_SECONDS, ge=0)

@@ -9,7 +9,6 @@
 - ann: recall of the HNSW and IVF-PQ global indexes against exact search.
 
     python -m bench.index [--parts throughput,storage,ann,memory] [--memory-images 20000] [--out FILE]
-    selavpr bench index ...
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from PIL import Image
 from bench.common import DEFAULT_SHARED, emit, machine, untrained_head_checkpoint
 from index_builder.builder import BuildConfig, build_index, encoding_identity
 from index_builder.global_index import GlobalIndexConfig, build_global_index, search
+from index_builder.manifest import CheckpointRecord, IndexManifest
 from index_builder.store import (
     SHARDS,
     ImageRecord,
@@ -208,41 +208,41 @@ def synthetic_store(index_dir: Path, checkpoint: Path, images: int, shard_size: 
         for i in range(count):
             records.append(
                 ImageRecord(
-                    len(records),
-                    f"synthetic/{start + i:06d}.jpg",
-                    metas[i].content_hash,
-                    0,
-                    0,
-                    640,
-                    480,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    now_iso(),
-                    name,
-                    i,
+                    id=len(records),
+                    path=f"synthetic/{start + i:06d}.jpg",
+                    content_hash=metas[i].content_hash,
+                    file_size=0,
+                    mtime_ns=0,
+                    width=640,
+                    height=480,
+                    lat=None,
+                    lon=None,
+                    utm_east=None,
+                    utm_north=None,
+                    utm_zone=None,
+                    location_source=None,
+                    exif_location=None,
+                    added_at=now_iso(),
+                    shard=name,
+                    row=i,
                 )
             )
     descriptors = (
         np.concatenate(descriptors) if descriptors else np.zeros((0, identity.global_dim), np.float32)
     )
-    manifest = {
-        "encoding": identity.to_dict(),
-        "checkpoint": {
-            "source": str(checkpoint),
-            "description": extractor.info.description,
-            "fingerprint": extractor.info.fingerprint,
-        },
-        "references": "synthetic",
-        "count": len(records),
-        "global_index": GlobalIndexConfig().to_dict(),
-        "shards": [],
-        "report": {},
-    }
+    manifest = IndexManifest(
+        encoding=identity,
+        checkpoint=CheckpointRecord(
+            spec=str(checkpoint),
+            source=str(checkpoint),
+            description=extractor.info.description,
+            fingerprint=extractor.info.fingerprint,
+        ),
+        references="synthetic",
+        count=len(records),
+        global_index=GlobalIndexConfig(),
+        shards=[],
+    )
     publish_version(index_dir, records, build_global_index(descriptors, GlobalIndexConfig()), manifest)
 
 

@@ -5,7 +5,6 @@ the share of latency outside the model forward and re-ranking, and the server's 
 the run (from /metrics). Optionally triggers one rebuild part-way through.
 
     python -m bench.load --url http://127.0.0.1:8000 --clients 4 --seconds 60 [--rebuild-at 30 --api-key K]
-    selavpr bench load ...
 """
 
 from __future__ import annotations

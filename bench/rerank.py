@@ -6,7 +6,6 @@ counts and re-ranked top-1 move from exact float32. With real images available i
 on maps of ../shared/data. Prints one JSON document.
 
     python -m bench.rerank [--k 20,100] [--precisions float32,bfloat16,int8] [--repeats 3] [--device cpu]
-    selavpr bench rerank ...
 """
 
 from __future__ import annotations

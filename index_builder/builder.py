@@ -26,21 +26,23 @@ import numpy as np
 import torch
 
 from index_builder.global_index import GlobalIndexConfig, build_global_index
-from index_builder.sources import (
+from index_builder.locations import (
+    CsvEntry,
     Location,
-    ReferenceImage,
-    content_hash,
     exif_location_of,
     location_from_filename,
     read_location_csvs,
-    scan_references,
 )
+from index_builder.manifest import BuildReport, CheckpointRecord, EncodingIdentity, IndexManifest, ShardEntry
+from index_builder.sources import ReferenceImage, content_hash, scan_references
 from index_builder.store import (
+    DEFAULT_GRACE_SECONDS,
+    DEFAULT_LOCAL_DTYPE,
     SHARDS,
     BuildLock,
-    EncodingIdentity,
     ImageRecord,
     IndexNotFound,
+    IndexStoreError,
     IndexVersion,
     ShardFiles,
     ShardImage,
@@ -71,9 +73,9 @@ class BuildConfig:
     batch_size: int | None = None  # None: 16 on CPU, 64 on GPU
     shard_size: int = 256  # images per shard file set (~120 MB at 61x61x128)
     decode_workers: int = 2
-    local_dtype: str = "int8"
+    local_dtype: str = DEFAULT_LOCAL_DTYPE
     global_index: GlobalIndexConfig = field(default_factory=GlobalIndexConfig)
-    grace_seconds: float = 600.0  # superseded versions stay this long for readers that opened them
+    grace_seconds: float = DEFAULT_GRACE_SECONDS  # superseded versions stay for readers that opened them
 
 
 @dataclass
@@ -88,26 +90,6 @@ class BuildProgress:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class BuildReport:
-    version: str
-    total: int
-    encoded: int
-    reused: int
-    removed: int
-    skipped: int
-    seconds: float
-    with_location: int = 0
-    encode_seconds: float = 0.0
-    skipped_files: list[dict[str, str]] = field(default_factory=list)
-    location_problems: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        """The one JSON line `selavpr index build` ends with."""
-        keys = ("version", "total", "encoded", "reused", "removed", "skipped", "seconds")
-        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
@@ -144,7 +126,7 @@ def build_index(
         progress.phase = "scanning"
         notify(progress)
         images = scan_references(config.references)
-        csv_locations, location_problems = read_location_csvs(config.references)
+        csv_entries, location_problems = read_location_csvs(config.references)
         hashes = _hash_all(images, previous_records, progress, notify)
 
         available = _reusable_content(
@@ -157,7 +139,7 @@ def build_index(
 
         progress.phase = "publishing"
         notify(progress)
-        records = _records(images, hashes, available, csv_locations, previous_records)
+        records = _records(images, hashes, available, csv_entries, previous_records)
         global_desc = _global_descriptors(index_dir, records, identity.global_dim)
         shards = sorted({r.shard for r in records})
         report = BuildReport(
@@ -173,33 +155,35 @@ def build_index(
             skipped_files=[{"path": p, "reason": why} for p, why in skipped],
             location_problems=location_problems,
         )
-        manifest = {
-            "encoding": identity.to_dict(),
-            "checkpoint": {
-                # what to load at search time: "default" stays portable across machines' caches
-                "spec": extractor.info.spec or extractor.info.source,
-                "source": extractor.info.source,
-                "description": extractor.info.description,
-                "fingerprint": extractor.info.fingerprint,
-            },
-            "references": str(config.references.resolve()),
-            "count": len(records),
-            "global_index": config.global_index.to_dict(),
-            "shards": [_shard_entry(index_dir, s) for s in shards],
-            "report": asdict(report),
-        }
-        report.version = publish_version(
+        manifest = IndexManifest(
+            encoding=identity,
+            checkpoint=CheckpointRecord(
+                spec=extractor.info.spec or extractor.info.source,
+                source=extractor.info.source,
+                description=extractor.info.description,
+                fingerprint=extractor.info.fingerprint,
+            ),
+            references=str(config.references.resolve()),
+            count=len(records),
+            global_index=config.global_index,
+            shards=[_shard_entry(index_dir, s) for s in shards],
+            report=report,
+        )
+        published = publish_version(
             index_dir, records, build_global_index(global_desc, config.global_index), manifest
         )
+        report.version = published.version
         if previous:
             previous.close()
         removed = collect_garbage(index_dir, config.grace_seconds)
         log.info(
             "published %s; removed versions %s and %d shards",
             report.version,
-            removed["versions"],
-            len(removed["shards"]),
+            removed.versions,
+            len(removed.shards),
         )
+        for problem in removed.problems:
+            log.warning("after publishing %s: %s", report.version, problem)
         report.seconds = round(time.monotonic() - started, 3)
         progress.phase, progress.done, progress.total = "done", len(records), len(records)
         notify(progress)
@@ -220,9 +204,13 @@ def encoding_identity(extractor: FeatureExtractor, local_dtype: str) -> Encoding
 
 
 def _open_previous(index_dir: Path) -> IndexVersion | None:
+    """The published version, whose features can be reused; a damaged one is rebuilt from scratch."""
     try:
         return IndexVersion.open_current(index_dir)
     except IndexNotFound:
+        return None
+    except IndexStoreError as exc:
+        log.warning("not reusing the published version: %s", exc)
         return None
 
 
@@ -269,10 +257,10 @@ def _reusable_content(
         if shard_dir.name in referenced or shard_dir.name.startswith("."):
             continue
         meta = read_shard_meta(shard_dir)
-        if not meta or EncodingIdentity.from_dict(meta["encoding"]) != identity:
+        if not meta or meta.encoding != identity:
             continue
-        for row, image in enumerate(meta["images"]):
-            available.setdefault(image["content_hash"], _Available(shard_dir.name, row, ShardImage(**image)))
+        for row, image in enumerate(meta.images):
+            available.setdefault(image.content_hash, _Available(shard_dir.name, row, image))
     return available
 
 
@@ -389,11 +377,12 @@ class _ShardBuffer:
 
 
 def _resolve_location(
-    rel_path: str, csv_locations: dict[str, Location], exif: dict[str, Any] | None
+    rel_path: str, csv_entries: dict[str, CsvEntry], exif: dict[str, Any] | None
 ) -> Location | None:
     """First found wins: locations.csv, then the file-name convention, then EXIF GPS."""
+    entry = csv_entries.get(rel_path)
     return (
-        csv_locations.get(rel_path)
+        (entry.location if entry else None)
         or location_from_filename(rel_path)
         or (Location(**exif) if exif else None)
     )
@@ -403,7 +392,7 @@ def _records(
     images: Sequence[ReferenceImage],
     hashes: dict[str, str],
     available: dict[str, _Available],
-    csv_locations: dict[str, Location],
+    csv_entries: dict[str, CsvEntry],
     previous: dict[str, ImageRecord],
 ) -> list[ImageRecord]:
     records = []
@@ -412,7 +401,8 @@ def _records(
         found = available.get(hashes[image.rel_path])
         if found is None:  # undecodable: reported as skipped
             continue
-        location = _resolve_location(image.rel_path, csv_locations, found.image.exif_location)
+        location = _resolve_location(image.rel_path, csv_entries, found.image.exif_location)
+        entry = csv_entries.get(image.rel_path)
         before = previous.get(image.rel_path)
         unchanged = before is not None and before.content_hash == found.image.content_hash
         records.append(
@@ -434,6 +424,7 @@ def _records(
                 added_at=before.added_at if unchanged else stamp,
                 shard=found.shard,
                 row=found.row,
+                name=entry.name if entry else None,
             )
         )
     return records
@@ -454,6 +445,8 @@ def _global_descriptors(index_dir: Path, records: Sequence[ImageRecord], dim: in
     return out
 
 
-def _shard_entry(index_dir: Path, name: str) -> dict[str, Any]:
-    meta = read_shard_meta(index_dir / SHARDS / name) or {}
-    return {"name": name, "count": meta.get("count"), "files": meta.get("files", {})}
+def _shard_entry(index_dir: Path, name: str) -> ShardEntry:
+    meta = read_shard_meta(index_dir / SHARDS / name)
+    if meta is None:
+        raise IndexStoreError(f"shard {name} is unreadable; run the build again with --full")
+    return meta.entry(name)

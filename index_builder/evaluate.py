@@ -23,7 +23,7 @@ from tqdm import tqdm
 from index_builder.builder import BuildConfig, build_index
 from index_builder.global_index import search as global_search
 from index_builder.search import check_compatible, prepare_query
-from index_builder.store import IndexVersion
+from index_builder.store import DEFAULT_GRACE_SECONDS, DEFAULT_LOCAL_DTYPE, IndexVersion
 from model.cache import cache_dir
 from model.datasets import VPRSplit
 from model.extractor import FeatureExtractor
@@ -47,8 +47,8 @@ class EvalConfig:
     index_dir: Path | None = None  # None: a cache directory per dataset split
     batch_size: int = 16
     precision: str | None = "float32"  # exact MNN counts on the stored features
-    local_dtype: str = "int8"
-    grace_seconds: float = 600.0  # for the cached database index's superseded versions
+    local_dtype: str = DEFAULT_LOCAL_DTYPE
+    grace_seconds: float = DEFAULT_GRACE_SECONDS  # for the cached database index's superseded versions
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The FAISS index over global descriptors: exact inner product by default, HNSW or IVF-PQ for large
-databases (their recall against exact search is measured by `selavpr bench index --ann`)."""
+databases (their recall against exact search is measured by `python -m bench.index --parts ann`)."""
 
 from __future__ import annotations
 

@@ -6,58 +6,26 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from index_builder.errors import CheckpointMismatch
 from index_builder.global_index import search as global_search
+from index_builder.results import (
+    DEFAULT_RERANK_K,
+    DEFAULT_TOP_K,
+    EstimatedLocation,
+    LocalizeResult,
+    Match,
+    Timings,
+)
 from index_builder.store import ImageRecord, IndexVersion
-from model.errors import SelavprError
 from model.extractor import FeatureExtractor, resolve_device
 from model.loading import load_model
 from model.matching import mnn_scores, rerank_order
 from model.preprocess import ImageSource, open_rgb
-
-DEFAULT_TOP_K = 5
-DEFAULT_RERANK_K = 100
-
-
-class CheckpointMismatch(SelavprError):
-    pass
-
-
-@dataclass
-class Match:
-    id: int
-    path: str  # relative to the references folder
-    rank: int  # 1-based, after re-ranking
-    global_score: float  # cosine similarity of the global descriptors
-    mnn_matches: int
-    lat: float | None
-    lon: float | None
-    utm_east: float | None
-    utm_north: float | None
-
-
-@dataclass
-class EstimatedLocation:
-    lat: float
-    lon: float
-    source_id: int  # the reference image it comes from
-    confidence: float  # that image's MNN matches / the query's local positions, in [0, 1]
-
-
-@dataclass
-class LocalizeResult:
-    matches: list[Match]
-    location: EstimatedLocation | None
-    index_version: str
-    timings_ms: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -122,7 +90,7 @@ class Localizer:
                 "rerank": time.perf_counter() - rerank_start,
             }
             timings["total"] = sum(timings.values())
-            result.timings_ms = {k: round(v * 1e3, 2) for k, v in timings.items()}
+            result.timings_ms = Timings(**{k: round(v * 1e3, 2) for k, v in timings.items()})
             results.append(result)
         return results
 
@@ -148,12 +116,17 @@ class Localizer:
             for rank, (i, record) in enumerate(zip(order, records, strict=True), start=1)
         ]
         positions = query_local.shape[0] * query_local.shape[1]
-        return LocalizeResult(matches, estimate_location(matches, positions), self.index.name, {})
+        return LocalizeResult(
+            matches=matches,
+            location=estimate_location(matches, positions),
+            index_version=self.index.name,
+        )
 
 
 def _match(record: ImageRecord, rank: int, score: float, count: int) -> Match:
     return Match(
         id=record.id,
+        name=record.display_name,
         path=record.path,
         rank=rank,
         global_score=round(score, 6),
@@ -172,7 +145,9 @@ def estimate_location(matches: Sequence[Match], query_positions: int) -> Estimat
     for match in matches:
         if match.lat is not None and match.lon is not None:
             confidence = min(1.0, match.mnn_matches / max(query_positions, 1))
-            return EstimatedLocation(match.lat, match.lon, match.id, round(confidence, 4))
+            return EstimatedLocation(
+                lat=match.lat, lon=match.lon, source_id=match.id, confidence=round(confidence, 4)
+            )
     return None
 
 
@@ -181,8 +156,8 @@ def extractor_for(
 ) -> FeatureExtractor:
     """The model the index was built with (from its manifest unless given), set up exactly as then."""
     identity = index.identity
-    recorded = index.manifest["checkpoint"]
-    source = checkpoint or recorded.get("spec") or recorded["source"]
+    recorded = index.manifest.checkpoint
+    source = checkpoint or recorded.spec or recorded.source
     loaded = load_model(source, resolve_device(device))
     return FeatureExtractor(
         loaded,
@@ -199,7 +174,7 @@ def check_compatible(index: IndexVersion, extractor: FeatureExtractor) -> None:
     if got != want:
         raise CheckpointMismatch(
             f"index {index.name} was built with checkpoint {want[0]} "
-            f"({index.manifest['checkpoint']['description']}), local mode {want[1]}, image size {want[2]}; "
+            f"({index.manifest.checkpoint.description}), local mode {want[1]}, image size {want[2]}; "
             f"this model is {got[0]}, {got[1]}, {got[2]}. "
             "Use that checkpoint, or rebuild the index."
         )

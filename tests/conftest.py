@@ -14,8 +14,13 @@ SHARED_DATA = Path(os.environ.get("SELAVPR_SHARED_DATA", REPO.parent / "shared" 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """The shared real images. Without them a contributor's run skips the tests that need them, saying
+    why; CI (CI=true) has them and fails instead of skipping."""
     if not (SHARED_DATA / "matching_triplets").is_dir():
-        raise RuntimeError(f"test images not found at {SHARED_DATA}; set SELAVPR_SHARED_DATA")
+        reason = f"shared test images missing: no {SHARED_DATA}/matching_triplets (set SELAVPR_SHARED_DATA)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
     return SHARED_DATA
 
 

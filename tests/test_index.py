@@ -98,7 +98,7 @@ def test_full_rebuild_and_model_change_reencode_everything(refs, tmp_path, tiny_
     report = build(refs, tmp_path / "index", other)
     assert (report.encoded, report.reused) == (9, 0)
     manifest = IndexVersion.open_current(tmp_path / "index").manifest
-    assert manifest["checkpoint"]["description"] == "tiny test model (seed 12)"
+    assert manifest.checkpoint.description == "tiny test model (seed 12)"
 
 
 def test_identical_content_is_encoded_once(refs, tmp_path, tiny_ckpt):
@@ -158,11 +158,24 @@ def test_readers_keep_their_version_through_rebuilds_and_cleanup(refs, tmp_path,
     assert (index_dir / "versions" / "v000001").is_dir()  # within the grace period
     build(refs, index_dir, tiny_ckpt, full=True, grace_seconds=0)
     assert sorted(p.name for p in (index_dir / "versions").iterdir()) == ["v000003"]
-    referenced = {s["name"] for s in IndexVersion.open_current(index_dir).manifest["shards"]}
+    referenced = {s.name for s in IndexVersion.open_current(index_dir).manifest.shards}
     assert {p.name for p in (index_dir / SHARDS).iterdir()} == referenced
     # The first reader's files are gone from the directory, yet it still answers.
     assert len(reader) == 9 and reader.records([8])[0].path.startswith("p2/")
     np.testing.assert_array_equal(reader.read_local(old_ids), old_maps)
+
+
+def test_a_stray_version_folder_does_not_fail_the_build(refs, tmp_path, tiny_ckpt):
+    """A removal cut short can leave a version folder without its manifest: the next build still
+    publishes, cleans it up, and keeps the shards of the published version."""
+    index_dir = tmp_path / "index"
+    build(refs, index_dir, tiny_ckpt)
+    (index_dir / "versions" / "v000000").mkdir()
+    (index_dir / "versions" / "v000000" / "global.faiss").write_bytes(b"half")
+    report = build(refs, index_dir, tiny_ckpt, grace_seconds=3600)
+    assert report.version == "v000002"
+    assert not (index_dir / "versions" / "v000000").exists()
+    assert len(IndexVersion.open_current(index_dir).read_local([0, 8])) == 2
 
 
 def test_one_build_at_a_time(refs, tmp_path, tiny_ckpt):
@@ -230,12 +243,13 @@ def test_localize_answers_in_the_api_shape(refs, tmp_path, tiny_ckpt):
     (refs / "locations.csv").write_text("path,lat,lon\np1/i0/Image059.jpg,-27.4772,153.0281\n")
     build(refs, tmp_path / "index", tiny_ckpt)
     localizer = Localizer.open(tmp_path / "index")
-    result = localizer.localize(refs / "p1" / "i0" / "Image059.jpg", top_k=3, rerank_k=8).to_dict()
+    result = localizer.localize(refs / "p1" / "i0" / "Image059.jpg", top_k=3, rerank_k=8).model_dump()
     assert set(result) == {"matches", "location", "index_version", "timings_ms"}
     assert set(result["timings_ms"]) == {"decode", "extract", "search", "rerank", "total"}
     top = result["matches"][0]
     assert set(top) == {
         "id",
+        "name",
         "path",
         "rank",
         "global_score",
@@ -247,6 +261,7 @@ def test_localize_answers_in_the_api_shape(refs, tmp_path, tiny_ckpt):
     }
     # itself, stored in int8: nearly every one of the 29 x 29 positions matches its stored copy
     assert (top["path"], top["rank"]) == ("p1/i0/Image059.jpg", 1) and top["mnn_matches"] > 0.98 * 29 * 29
+    assert top["name"] == "Image059.jpg"  # no name recorded: the file's own name
     assert [m["rank"] for m in result["matches"]] == [1, 2, 3]
     confidence = round(top["mnn_matches"] / (29 * 29), 4)
     assert result["location"] == {

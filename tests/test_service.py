@@ -244,14 +244,16 @@ async def test_upload_references_under_server_chosen_names(workspace, tiny_ckpt)
         assert response.status_code == 201
         stored = response.json()["stored"][0]
         assert stored["path"].startswith("uploads/") and "passwd" not in stored["path"]
+        assert stored["name"] == "passwd.jpg"  # the display name: last component only, never a path
         assert (refs / stored["path"]).read_bytes() == photo
         assert response.json()["rebuild"]["state"] == "running"
         status = await wait_idle(client)
         assert status["num_images"] == 10
         rel = stored["path"].removeprefix("uploads/")
-        assert f"{rel},51.50000000,-0.12000000" in (refs / "uploads" / "locations.csv").read_text()
+        assert f"{rel},51.50000000,-0.12000000,passwd.jpg" in (refs / "uploads" / "locations.csv").read_text()
         found = await client.post("/localize", files=files(photo), params={"top_k": 2})
-        assert stored["path"] in {m["path"] for m in found.json()["matches"]}
+        by_path = {m["path"]: m for m in found.json()["matches"]}
+        assert by_path[stored["path"]]["name"] == "passwd.jpg"  # the match says which photo it was
 
         before = sorted(p.name for p in (refs / "uploads").rglob("*"))
         bad = await client.post(
@@ -301,6 +303,14 @@ async def test_no_references_no_index_is_not_ready(tmp_path, tiny_ckpt):
         response = await client.get("/readyz")
         assert response.status_code == 503 and "no index" in response.json()["error"]["message"]
         assert (await client.get("/index/status")).json()["index_version"] is None
+        # a first run explains itself: GET / and the 503 name the HTTP way to add references
+        home = (await client.get("/")).json()
+        assert home["ready"] is False and any("POST /index/images" in step for step in home["next_steps"])
+        photo = io.BytesIO()
+        Image.new("RGB", (64, 48), "gray").save(photo, format="PNG")
+        refused = await client.post("/localize", files=files(photo.getvalue(), "q.png"))
+        message = refused.json()["error"]["message"]
+        assert refused.status_code == 503 and "POST /index/images" in message and str(tmp_path) not in message
 
 
 async def test_index_of_another_model_is_not_served_until_rebuilt(workspace, tmp_path, tiny_ckpt):

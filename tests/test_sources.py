@@ -7,13 +7,13 @@ import shutil
 import pytest
 from PIL import Image
 
-from index_builder.sources import (
-    content_hash,
+from index_builder.locations import (
+    append_location_row,
     exif_location_of,
     location_from_filename,
     read_location_csvs,
-    scan_references,
 )
+from index_builder.sources import content_hash, scan_references
 from model.errors import SelavprError
 
 
@@ -46,6 +46,7 @@ def test_filename_convention():
     assert only_lat_lon.utm_zone == "10S" and only_lat_lon.utm_east == pytest.approx(554057.5, abs=0.1)
     assert location_from_filename("plain.jpg") is None
     assert location_from_filename("@abc@def@.jpg") is None
+    assert location_from_filename("@1e300@0@33@T@@@.jpg") is None  # OverflowError in the projection
 
 
 def test_location_csvs_nested_and_bad_rows(tmp_path):
@@ -58,7 +59,8 @@ def test_location_csvs_nested_and_bad_rows(tmp_path):
     )
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "locations.csv").write_text("name,lat\n")
-    found, problems = read_location_csvs(tmp_path)
+    entries, problems = read_location_csvs(tmp_path)
+    found = {path: entry.location for path, entry in entries.items()}
     assert found["a.jpg"].lat == 48.8584 and found["a.jpg"].utm_zone == "31U"
     assert found["sub/b.jpg"].source == "csv" and found["sub/b.jpg"].lat == pytest.approx(48.8584, abs=1e-3)
     assert found["sub/c.jpg"].lat is None and found["sub/c.jpg"].utm_east == 448252
@@ -79,3 +81,16 @@ def test_content_hash_follows_content(tmp_path, shared_data):
     assert content_hash(a) == content_hash(b)
     Image.new("RGB", (4, 4)).save(b, format="PNG")
     assert content_hash(a) != content_hash(b)
+
+
+def test_names_written_and_read_back_with_an_old_header_upgraded(tmp_path):
+    csv_path = tmp_path / "locations.csv"
+    csv_path.write_text("path,lat,lon\nold.jpg,1.5,2.5\n")
+    append_location_row(csv_path, "d/new.jpg", (48.85, 2.29), "Tour Eiffel, côté sud.jpg")
+    append_location_row(csv_path, "d/unplaced.jpg", None, "no location.png")
+    entries, problems = read_location_csvs(tmp_path)
+    assert problems == []
+    assert entries["old.jpg"].location.lat == 1.5 and entries["old.jpg"].name is None
+    assert entries["d/new.jpg"].name == "Tour Eiffel, côté sud.jpg"
+    assert entries["d/new.jpg"].location.lat == pytest.approx(48.85)
+    assert entries["d/unplaced.jpg"].location is None and entries["d/unplaced.jpg"].name == "no location.png"

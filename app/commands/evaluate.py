@@ -8,7 +8,7 @@ from pathlib import Path
 
 from app.commands.common import positive_int
 from index_builder.evaluate import DEFAULT_RECALLS, EvalConfig, EvalReport, evaluate, plot_recalls
-from index_builder.store import LOCAL_DTYPES
+from index_builder.store import DEFAULT_LOCAL_DTYPE, LOCAL_DTYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--precision", default="float32", help="MNN precision (default: exact float32)")
     parser.add_argument(
-        "--local-dtype", choices=LOCAL_DTYPES, default="int8", help="stored database features"
+        "--local-dtype", choices=LOCAL_DTYPES, default=DEFAULT_LOCAL_DTYPE, help="stored database features"
     )
     parser.set_defaults(run=run)
 

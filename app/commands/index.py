@@ -13,7 +13,7 @@ from app.commands.common import add_model_options, positive_int, print_json
 from index_builder.builder import BuildConfig, BuildProgress, build_index
 from index_builder.global_index import KINDS, GlobalIndexConfig
 from index_builder.status import index_status
-from index_builder.store import LOCAL_DTYPES
+from index_builder.store import DEFAULT_GRACE_SECONDS, DEFAULT_LOCAL_DTYPE, LOCAL_DTYPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,11 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--full", action="store_true", help="re-encode every image")
     build.add_argument("--batch-size", type=positive_int, default=None, help="default: 16 on CPU, 64 on GPU")
     build.add_argument("--global-index", choices=KINDS, default="flat", help="default: exact inner product")
-    build.add_argument("--local-dtype", choices=LOCAL_DTYPES, default="int8", help="stored local features")
+    build.add_argument(
+        "--local-dtype", choices=LOCAL_DTYPES, default=DEFAULT_LOCAL_DTYPE, help="stored local features"
+    )
     build.add_argument("--shard-size", type=positive_int, default=256, help="images per feature shard")
     build.add_argument("--decode-workers", type=positive_int, default=2)
     build.add_argument(
-        "--grace-seconds", type=float, default=600.0, help="keep superseded versions this long"
+        "--grace-seconds",
+        type=float,
+        default=DEFAULT_GRACE_SECONDS,
+        help="keep superseded versions this long",
     )
     add_model_options(build)
     build.set_defaults(run=run_build)

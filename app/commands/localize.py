@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from app.commands.common import positive_int, print_json
-from index_builder.search import DEFAULT_RERANK_K, DEFAULT_TOP_K, Localizer
+from index_builder.results import DEFAULT_RERANK_K, DEFAULT_TOP_K
+from index_builder.search import Localizer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,5 +25,5 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     localizer = Localizer.open(args.index_dir, args.checkpoint, args.device)
-    print_json(localizer.localize(args.image, args.image, args.top_k, args.rerank_k).to_dict())
+    print_json(localizer.localize(args.image, args.image, args.top_k, args.rerank_k).model_dump())
     return 0

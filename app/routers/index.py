@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.dependencies import get_service, get_settings, require_admin_key
 from app.errors import ApiError
-from app.references import check_reference, write_reference
+from app.references import check_reference, display_name, write_reference
 from app.schemas import ErrorResponse, IndexStatusResponse, RebuildJob, UploadResponse
 from app.service import VPRService
 from app.settings import Settings
@@ -58,7 +58,9 @@ def status(service: VPRService = Depends(get_service)) -> dict:
     dependencies=[Depends(require_admin_key)],
 )
 async def upload_images(
-    image: list[UploadFile] = File(..., description="reference photos; stored under server-chosen names"),
+    image: list[UploadFile] = File(
+        ..., description="reference photos; stored under server-chosen names, shown under their own"
+    ),
     lat: list[float] | None = Form(None, description="one per image, in order, with lon"),
     lon: list[float] | None = Form(None),
     rebuild: bool = Query(False, description="start a rebuild once stored"),
@@ -69,9 +71,10 @@ async def upload_images(
     payloads = []
     for data in await read_uploads(image, settings):  # everything is checked before anything is written
         payloads.append((data, await run_in_threadpool(check_reference, data, settings.max_pixels)))
+    names = [display_name(upload.filename) for upload in image]
     stored = [
-        await run_in_threadpool(write_reference, settings.references, data, suffix, location)
-        for (data, suffix), location in zip(payloads, locations, strict=True)
+        await run_in_threadpool(write_reference, settings.references, data, suffix, location, name)
+        for (data, suffix), location, name in zip(payloads, locations, names, strict=True)
     ]
     return {"stored": stored, "rebuild": _job(service) if rebuild else None}
 

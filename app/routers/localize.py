@@ -8,10 +8,11 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.dependencies import get_service, get_settings, require_localize_key, resolve_k
-from app.schemas import BatchResponse, ErrorResponse, LocalizeResponse
+from app.schemas import BatchResponse, ErrorResponse
 from app.service import VPRService
 from app.settings import Settings
 from app.uploads import read_uploads
+from index_builder.results import LocalizeResult
 
 router = APIRouter(tags=["localize"], dependencies=[Depends(require_localize_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
@@ -24,7 +25,7 @@ def _ks(request: Request, settings: Settings, top_k: int | None, rerank_k: int |
     )
 
 
-@router.post("/localize", response_model=LocalizeResponse, responses=ERRORS)
+@router.post("/localize", response_model=LocalizeResult, responses=ERRORS)
 async def localize(
     request: Request,
     image: UploadFile = File(..., description="the query photo"),
@@ -34,11 +35,11 @@ async def localize(
     ),
     service: VPRService = Depends(get_service),
     settings: Settings = Depends(get_settings),
-) -> dict:
+) -> LocalizeResult:
     k, rk = _ks(request, settings, top_k, rerank_k)
     (data,) = await read_uploads([image], settings)
     query = await run_in_threadpool(service.prepare, data)
-    return (await service.localize(query, k, rk)).to_dict()
+    return await service.localize(query, k, rk)
 
 
 @router.post("/localize/batch", response_model=BatchResponse, responses=ERRORS)
@@ -49,8 +50,8 @@ async def localize_batch(
     rerank_k: int | None = Form(None),
     service: VPRService = Depends(get_service),
     settings: Settings = Depends(get_settings),
-) -> dict:
+) -> BatchResponse:
     k, rk = _ks(request, settings, top_k, rerank_k)
     queries = [await run_in_threadpool(service.prepare, data) for data in await read_uploads(image, settings)]
     results = await asyncio.gather(*(service.localize(q, k, rk) for q in queries))  # one batch
-    return {"results": [r.to_dict() for r in results]}
+    return BatchResponse(results=results)

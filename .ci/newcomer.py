@@ -1,0 +1,180 @@
+"""The newcomer path, as the README tells it: `make serve` on a fresh clone, then real HTTP.
+
+Starts `make serve` (which installs the product with its own dependencies only, converts the default
+weights and serves) on a free loopback port with a temporary data folder; waits for /healthz; adds
+reference photos with locations over HTTP; rebuilds; localizes a photo of one of those places and checks
+the answer; stops the server. Bounded in time; on failure the server log is printed. Standard library
+only: it runs before anything of the project is installed.
+
+    python3 .ci/newcomer.py [--shared-data ../shared/data] [--timeout 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "newcomer-key"
+PLACES = ("p0", "p2", "p4", "p6", "p8")  # views i0, i1 become references; i2 is the query of p4
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout=60):
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def multipart(files: list[tuple[str, Path]], fields: list[tuple[str, str]]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields:
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        )
+    for name, path in files:
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{path.name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        )
+        parts.append(head.encode() + path.read_bytes() + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def wait_for(check, what: str, deadline: float, server: subprocess.Popen) -> None:
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited ({server.returncode}) while waiting for {what}")
+        try:
+            if check():
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(1)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def newcomer_path(base: str, shared: Path, deadline: float, server: subprocess.Popen) -> None:
+    wait_for(lambda: request("GET", f"{base}/healthz", timeout=5)[0] == 200, "/healthz", deadline, server)
+    status, home = request("GET", f"{base}/")
+    assert status == 200 and "next_steps" in home, (status, home)
+    print(f"GET / -> {home['status']}")
+    status, body = request("POST", f"{base}/localize", *multipart([("image", _view(shared, "p0", "i2"))], []))
+    assert status == 503 and "POST /index/images" in body["error"]["message"], (status, body)
+    print(f"POST /localize before any reference -> 503: {body['error']['message']}")
+
+    files, fields = [], []
+    for k, place in enumerate(PLACES):
+        for view in ("i0", "i1"):
+            files.append(("image", _view(shared, place, view)))
+            fields += [("lat", f"{-27.47 + 0.01 * k:.6f}"), ("lon", "153.02")]
+    body, ctype = multipart(files, fields)
+    headers = {"Content-Type": ctype, "X-API-Key": API_KEY}
+    status, uploaded = request("POST", f"{base}/index/images", body, headers)
+    assert status == 201 and len(uploaded["stored"]) == len(files), (status, uploaded)
+    print(f"POST /index/images -> 201, {len(uploaded['stored'])} references stored")
+    status, job = request("POST", f"{base}/index/rebuild", b"", {"X-API-Key": API_KEY})
+    assert status == 202, (status, job)
+
+    def built() -> bool:
+        _, s = request("GET", f"{base}/index/status", timeout=10)
+        if s["state"] == "failed":
+            raise SystemExit(f"rebuild failed: {s['last_error']}")
+        return s["state"] == "idle" and s["num_images"] == len(files)
+
+    wait_for(built, "the rebuild", deadline, server)
+    print(f"POST /index/rebuild -> indexed {len(files)} images")
+
+    query = _view(shared, "p4", "i2")
+    status, result = request("POST", f"{base}/localize", *multipart([("image", query)], []))
+    assert status == 200, (status, result)
+    top = result["matches"][0]
+    expected = {_view(shared, "p4", v).name for v in ("i0", "i1")}
+    assert top["name"] in expected, f"top match {top['name']} is not a view of p4 ({expected})"
+    assert abs(result["location"]["lat"] - (-27.47 + 0.01 * 2)) < 1e-6, result["location"]
+    print(
+        f"POST /localize {query.name} -> top match {top['name']} ({top['mnn_matches']} MNN matches), "
+        f"location {result['location']['lat']:.4f},{result['location']['lon']:.4f}, "
+        f"{result['timings_ms']['total']:.0f} ms"
+    )
+
+
+def _view(shared: Path, place: str, view: str) -> Path:
+    return next((shared / "matching_triplets" / place / view).glob("*.jpg"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shared-data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--timeout", type=float, default=1500, help="seconds for the whole path")
+    args = parser.parse_args()
+    deadline = time.monotonic() + args.timeout
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="selavpr-newcomer-") as tmp:
+        env = {
+            **os.environ,
+            "SELAVPR_PORT": str(port),
+            "SELAVPR_HOST": "127.0.0.1",
+            "SELAVPR_INDEX_DIR": f"{tmp}/data/index",
+            "SELAVPR_REFERENCES": f"{tmp}/data/references",
+            "SELAVPR_CACHE_DIR": f"{tmp}/cache",
+            "SELAVPR_API_KEY": API_KEY,
+        }
+        log_path = Path(tmp) / "serve.log"
+        with open(log_path, "w") as log:
+            print(f"make serve on 127.0.0.1:{port} (log: {log_path})", flush=True)
+            server = subprocess.Popen(
+                ["make", "serve"],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                newcomer_path(f"http://127.0.0.1:{port}", args.shared_data, deadline, server)
+            except (AssertionError, SystemExit, Exception) as exc:
+                print(
+                    f"NEWCOMER PATH FAILED: {type(exc).__name__}: {exc}\n--- server log ---", file=sys.stderr
+                )
+                print(log_path.read_text()[-20000:], file=sys.stderr)
+                return 1
+            finally:
+                _stop(server)
+    print("newcomer path: ok")
+    return 0
+
+
+def _stop(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Versions: what a search opens. Written aside, renamed into place, published by a pointer swap.
+
+    INDEX_DIR/
+      CURRENT                  the published version's name, replaced atomically
+      versions/v000007/        manifest.json, global.faiss, meta.sqlite
+
+A reader opens one version and keeps it (its files stay readable after they are unlinked).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import weakref
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from index_builder.errors import IndexNotFound, IndexStoreError
+from index_builder.global_index import read_global_index, write_global_index
+from index_builder.manifest import MANIFEST_FILE, IndexManifest
+from index_builder.store.codec import decode_local
+from index_builder.store.files import fsync_dir, fsync_file, fsync_tree, now_iso, sha256_file
+from index_builder.store.metadata import METADATA_FILE, ImageRecord, open_metadata, record_of, write_metadata
+from index_builder.store.shards import SHARDS, TMP_PREFIX, ShardFiles
+
+CURRENT = "CURRENT"
+VERSIONS = "versions"
+GLOBAL_INDEX_FILE = "global.faiss"
+NO_INDEX_HINT = (
+    "add reference photos with POST /index/images then POST /index/rebuild, or run `selavpr index build`"
+)
+
+
+def current_version_name(index_dir: Path) -> str | None:
+    try:
+        name = (index_dir / CURRENT).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return name or None
+
+
+def version_names(index_dir: Path) -> list[str]:
+    root = index_dir / VERSIONS
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("v") and p.is_dir())
+
+
+def next_version_name(index_dir: Path) -> str:
+    existing = [int(n[1:]) for n in version_names(index_dir) if n[1:].isdigit()]
+    current = current_version_name(index_dir)
+    if current and current[1:].isdigit():
+        existing.append(int(current[1:]))
+    return f"v{max(existing, default=0) + 1:06d}"
+
+
+def publish_version(
+    index_dir: Path,
+    records: Sequence[ImageRecord],
+    global_index: faiss.Index,
+    manifest: IndexManifest,
+) -> IndexManifest:
+    """Write a version aside, rename it into versions/, then swap CURRENT to it. Returns the manifest as
+    published (with its version name, time and checksums)."""
+    name = next_version_name(index_dir)
+    versions = index_dir / VERSIONS
+    staging = versions / f"{TMP_PREFIX}{name}"
+    staging.mkdir(parents=True)
+    write_global_index(global_index, staging / GLOBAL_INDEX_FILE)
+    write_metadata(staging / METADATA_FILE, records)
+    files = {f: sha256_file(staging / f) for f in (GLOBAL_INDEX_FILE, METADATA_FILE)}
+    manifest = replace(manifest, version=name, created_at=now_iso(), files=files)
+    if manifest.report is not None:
+        manifest.report.version = name
+    manifest.write(staging / MANIFEST_FILE)
+    fsync_tree(staging)
+    staging.rename(versions / name)
+    fsync_dir(versions)
+    pointer = index_dir / f"{CURRENT}.tmp"
+    pointer.write_text(name + "\n")
+    fsync_file(pointer)
+    os.replace(pointer, index_dir / CURRENT)
+    fsync_dir(index_dir)
+    return manifest
+
+
+class IndexVersion:
+    """One published version, opened for searching. It stays usable while newer versions appear."""
+
+    def __init__(self, index_dir: Path, name: str) -> None:
+        self.index_dir, self.name = index_dir, name
+        self.dir = index_dir / VERSIONS / name
+        self.manifest = IndexManifest.read(self.dir)
+        self.identity = self.manifest.encoding
+        try:
+            self.index = read_global_index(self.dir / GLOBAL_INDEX_FILE, self.manifest.global_index)
+            self.db = open_metadata(self.dir / METADATA_FILE)
+            locations = self.db.execute("SELECT shard, row FROM images ORDER BY id").fetchall()
+            self.shard_names = sorted({r["shard"] for r in locations})
+            shards = [ShardFiles(index_dir / SHARDS / s) for s in self.shard_names]
+        except (RuntimeError, sqlite3.Error, OSError, ValueError) as exc:  # faiss raises RuntimeError
+            raise IndexStoreError(
+                f"version {name} is damaged ({type(exc).__name__}); rebuild the index"
+            ) from None
+        shard_index = {s: i for i, s in enumerate(self.shard_names)}
+        # id -> (shard, row): 8 bytes per image, all a search needs to find an image's local features
+        self.id_shard = np.array([shard_index[r["shard"]] for r in locations], dtype=np.int32)
+        self.id_row = np.array([r["row"] for r in locations], dtype=np.int32)
+        self.shards = shards
+        # a version dropped without close() (a server swapping in a newer one) still releases its files
+        self._finalizer = weakref.finalize(self, _close_version, self.shards, self.db)
+
+    @classmethod
+    def open_current(cls, index_dir: str | os.PathLike) -> IndexVersion:
+        index_dir = Path(index_dir)
+        name = current_version_name(index_dir)
+        if name is None:
+            raise IndexNotFound(f"no published index yet ({NO_INDEX_HINT})")
+        return cls(index_dir, name)
+
+    def __len__(self) -> int:
+        return len(self.id_row)
+
+    def records(self, ids: Sequence[int]) -> list[ImageRecord]:
+        if not len(ids):
+            return []
+        marks = ", ".join("?" * len(ids))
+        rows = self.db.execute(
+            f"SELECT * FROM images WHERE id IN ({marks})", [int(i) for i in ids]
+        ).fetchall()
+        by_id = {r["id"]: record_of(r) for r in rows}
+        return [by_id[int(i)] for i in ids]
+
+    def all_records(self) -> list[ImageRecord]:
+        return [record_of(r) for r in self.db.execute("SELECT * FROM images ORDER BY id")]
+
+    def candidate_maps(self, ids: Sequence[int]) -> StoredMaps:
+        return StoredMaps(self, [int(i) for i in ids])
+
+    def read_stored(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The stored local arrays of these images (values, scales or None), in the given order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        shard0 = self.shards[0] if self.shards else None
+        values = np.empty(
+            (len(ids), *self.identity.local_shape), dtype=shard0.local.dtype if shard0 else np.float32
+        )
+        scales = None
+        if shard0 is not None and shard0.scale is not None:
+            scales = np.empty((len(ids), *self.identity.local_shape[:-1]), dtype=shard0.scale.dtype)
+        for shard in np.unique(self.id_shard[ids]):
+            where = np.nonzero(self.id_shard[ids] == shard)[0]
+            v, s = self.shards[shard].read_stored(self.id_row[ids[where]])
+            values[where] = v
+            if scales is not None:
+                scales[where] = s
+        return values, scales
+
+    def read_local(self, ids: Sequence[int]) -> np.ndarray:
+        """Local maps of these images, float32 (k, h, w, C), in the given order."""
+        return decode_local(*self.read_stored(ids))
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _close_version(shards: list[ShardFiles], db: sqlite3.Connection) -> None:
+    for shard in shards:
+        shard.close()
+    db.close()
+
+
+class StoredMaps:
+    """CandidateMaps over stored images: the matcher decodes them a chunk at a time. The stored (compact)
+    arrays of each chunk are kept, so that a second pass over some candidates (the float32 recount)
+    decodes them again without reading the disk twice; about 0.46 MiB per 61x61x128 int8 candidate."""
+
+    def __init__(self, version: IndexVersion, ids: list[int]) -> None:
+        self.version, self.ids = version, ids
+        self._stored: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def map_shape(self) -> tuple[int, int, int]:
+        return self.version.identity.local_shape
+
+    def load(self, indices: slice | Sequence[int]) -> torch.Tensor:
+        positions = list(range(len(self.ids))[indices] if isinstance(indices, slice) else indices)
+        if not positions:
+            return torch.zeros((0, *self.map_shape), dtype=torch.float32)
+        missing = [p for p in positions if p not in self._stored]
+        if missing:
+            values, scales = self.version.read_stored([self.ids[p] for p in missing])
+            for i, p in enumerate(missing):
+                self._stored[p] = (values[i], scales[i] if scales is not None else None)
+        values = np.stack([self._stored[p][0] for p in positions])
+        has_scale = self._stored[positions[0]][1] is not None
+        scales = np.stack([self._stored[p][1] for p in positions]) if has_scale else None
+        return torch.from_numpy(decode_local(values, scales))
