@@ -44,7 +44,7 @@ def test_int8_store_keeps_the_float32_top1_at_61x61(tmp_path, shared_data, head_
     original = FeatureExtractor.from_checkpoint(str(head_checkpoint), "cpu").embed(
         [refs / r.path for r in records]
     )
-    for q in range(0, 32, 4):  # every 4th image as the query (all 32 in `selavpr bench index`)
+    for q in range(0, 32, 4):  # every 4th image as the query (all 32 in `python -m bench.index`)
         others = [i for i in range(32) if i != q]
         exact = mnn_scores(original.local[q], original.local[others], "float32")
         stored = mnn_scores(torch.from_numpy(original.local[q]), version.candidate_maps(others))
