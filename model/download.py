@@ -35,7 +35,7 @@ CHUNK_BYTES = 1 << 20
 PAGE_LIMIT_BYTES = 2 << 20  # an HTML page larger than this is not a confirmation page
 MAX_PAGE_HOPS = 3
 USER_AGENT = "selavpr-weights/1 (+https://github.com/Lu-Feng/SelaVPR)"
-MIRROR_HINT = "download it elsewhere and pass the file, or set the mirror (SELAVPR_MIRROR_URL or --mirror)"
+MIRROR_HINT = "download it elsewhere and pass the file, or set the mirror"
 
 
 @dataclass(frozen=True)

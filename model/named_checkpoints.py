@@ -136,12 +136,22 @@ def fetch(
             return verify_cached(entry)
         url = entry.source_url(mirror_url(mirror))
         log.info("fetching %s from %s", entry.name, url)
-        outcome = download(
-            url, part_path(entry), label=entry.name, progress=progress, retries=retries, timeout=timeout
-        )
+        try:
+            outcome = download(
+                url, part_path(entry), label=entry.name, progress=progress, retries=retries, timeout=timeout
+            )
+        except DownloadError as exc:
+            raise DownloadError(f"{exc}. {_ways_around(entry)}") from None
         if outcome.resumed_from:
             log.info("%s: resumed from byte %d", entry.name, outcome.resumed_from)
         return _install(entry, outcome.part, source=url)
+
+
+def _ways_around(entry: RegistryEntry) -> str:
+    return (
+        f"A file: --checkpoint FILE, or `selavpr weights fetch {entry.name} --file FILE` to cache it; "
+        f"a mirror: ${MIRROR_ENV} or --mirror URL, serving <URL>/{entry.filename}"
+    )
 
 
 def import_file(entry: RegistryEntry, source: Path) -> CachedCheckpoint:
@@ -228,7 +238,11 @@ def _lock(entry: RegistryEntry) -> Iterator[None]:
     locks = weights_root() / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / f"{entry.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process is fetching it; waiting", entry.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:

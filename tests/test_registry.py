@@ -7,9 +7,15 @@ import io
 import json
 import os
 import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -325,3 +331,60 @@ def test_confirmation_url_reads_the_form_and_the_link():
         "https://drive.google.com/uc?export=download&confirm=Tk&id=ABC"
     )
     assert confirmation_url("<html><title>Sign in</title></html>", "https://drive.google.com/uc?id=A") is None
+
+
+# --- the service ----------------------------------------------------------------------------------------
+
+
+def _serve(tmp_path, refs) -> subprocess.Popen:
+    from tests.test_serve_process import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--references", str(refs)]
+    cmd += ["--index-dir", str(tmp_path / "index"), "--checkpoint", "selavpr-msls", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc.base = f"http://127.0.0.1:{port}"
+    return proc
+
+
+def test_serve_by_name_downloads_verifies_caches_and_serves(
+    host, authors_bytes, tmp_path, shared_data, monkeypatch
+):
+    """`selavpr serve --checkpoint selavpr-msls`, with the mirror standing in for Google Drive."""
+    refs = tmp_path / "refs"
+    shutil.copytree(shared_data / "matching_triplets" / "p0", refs / "p0")
+    host.files["/SelaVPR_msls.pth"] = authors_bytes
+    monkeypatch.setenv("SELAVPR_MIRROR_URL", host.url)
+    proc = _serve(tmp_path, refs)
+    try:
+        deadline = time.monotonic() + 90
+        while not _ready(proc.base):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "not ready in time"
+            time.sleep(0.2)
+        image = next((refs / "p0" / "i1").iterdir())
+        response = httpx.post(
+            f"{proc.base}/localize", files={"image": ("q.jpg", image.read_bytes())}, timeout=30
+        )
+        assert response.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    assert find_cached(REGISTRY["selavpr-msls"]).record.sha256 == sha256(authors_bytes)
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "index").rglob("manifest.json")]
+    assert [m["checkpoint"]["spec"] for m in manifests] == ["selavpr-msls"]  # portable: the name, not a path
+
+
+def test_serve_by_name_offline_exits_2_before_starting(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELAVPR_MIRROR_URL", closed_port_url())
+    proc = _serve(tmp_path, tmp_path / "refs")
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and OFFLINE_MESSAGE in output
+    assert "Uvicorn running" not in output
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
