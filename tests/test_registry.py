@@ -181,6 +181,36 @@ def test_a_part_left_by_an_earlier_run_is_resumed(host, authors_bytes, monkeypat
     assert find_cached(entry).path.read_bytes() == authors_bytes
 
 
+def _leave_part(entry, url: str, content: bytes, validator: str) -> None:
+    part = part_path(entry)
+    part.parent.mkdir(parents=True)
+    part.write_bytes(content)
+    part.with_name(part.name + ".json").write_text(json.dumps({"url": url, "validator": validator}))
+
+
+def test_a_part_from_a_file_changed_upstream_restarts_from_zero(host, authors_bytes):
+    entry = REGISTRY["selavpr-msls"]
+    host.files["/SelaVPR_msls.pth"] = authors_bytes
+    _leave_part(entry, f"{host.url}/SelaVPR_msls.pth", b"older bytes", validator='"an-older-etag"')
+
+    cached = fetch(entry, mirror=host.url, progress=False)
+
+    assert host.file_requests("/SelaVPR_msls.pth")[0].if_range == '"an-older-etag"'
+    assert cached.path.read_bytes() == authors_bytes
+
+
+def test_a_whole_part_answered_416_is_installed(host, authors_bytes):
+    entry = REGISTRY["selavpr-msls"]
+    host.files["/SelaVPR_msls.pth"] = authors_bytes
+    etag = '"' + sha256(authors_bytes)[:16] + '"'
+    _leave_part(entry, f"{host.url}/SelaVPR_msls.pth", authors_bytes, validator=etag)
+
+    cached = fetch(entry, mirror=host.url, progress=False)
+
+    assert host.file_requests("/SelaVPR_msls.pth")[0].range == f"bytes={len(authors_bytes)}-"
+    assert cached.path.read_bytes() == authors_bytes
+
+
 def test_a_server_that_ignores_range_restarts_from_zero(host, authors_bytes, monkeypatch):
     monkeypatch.setattr("model.download.time.sleep", lambda s: None)
     host.files["/SelaVPR_msls.pth"] = authors_bytes
