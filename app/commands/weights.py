@@ -21,7 +21,7 @@ from model.named_checkpoints import (
     mirror_url,
     part_path,
 )
-from model.registry import ENTRIES, RegistryEntry, get_entry
+from model.registry import REGISTRY, RegistryEntry, get_entry
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -114,15 +114,15 @@ def listing_row(entry: RegistryEntry) -> dict:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    rows = [listing_row(entry) for entry in ENTRIES]
+    rows = [listing_row(entry) for entry in REGISTRY.values()]
     if args.json:
         print_json({"checkpoints": rows, "mirror": mirror_url()})
         return 0
-    print(f"{'NAME':<20} {'SIZE':<10} {'CACHED':<8} DESCRIPTION")
+    print(f"{'NAME':<20} {'SIZE':<12} {'CACHED':<8} DESCRIPTION")
     for row in rows:
         state = "yes" if row["cached"] else ("partial" if row["partial_bytes"] else "no")
         size = row["size"].removesuffix(" (approx.)")
-        print(f"{row['name']:<20} {size:<10} {state:<8} {row['description']}")
+        print(f"{row['name']:<20} {size:<12} {state:<8} {row['description']}")
     print("\nselavpr weights fetch NAME  downloads one; --checkpoint NAME fetches on first use.")
     return 0
 
