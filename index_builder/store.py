@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from index_builder.global_index import GlobalIndexConfig, read_global_index, write_global_index
+from model.config import FINAL, FeatureBlock
 from model.errors import SelavprError
 
 FORMAT = "selavpr-index"
@@ -75,6 +76,7 @@ class EncodingIdentity:
     local_dtype: str
     global_dim: int
     local_shape: tuple[int, int, int]
+    feature_block: FeatureBlock = FINAL  # indexes written before it existed all used the final norm
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
