@@ -52,6 +52,7 @@ from index_builder.store import (
     remove_unfinished,
     write_shard,
 )
+from model.config import FeatureBlock
 from model.errors import ImageDecodeError
 from model.extractor import FeatureExtractor
 from model.preprocess import open_rgb
@@ -67,7 +68,7 @@ class BuildConfig:
     device: str | None = None
     image_size: int | None = None
     local_mode: str | None = None
-    feature_block: int | str | None = None  # None: the checkpoint's default
+    feature_block: FeatureBlock | None = None  # None: the checkpoint's default
     full: bool = False  # re-encode everything
     batch_size: int | None = None  # None: 16 on CPU, 64 on GPU
     shard_size: int = 256  # images per shard file set (~120 MB at 61x61x128)
