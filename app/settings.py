@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from index_builder.results import DEFAULT_RERANK_K, DEFAULT_TOP_K
 from index_builder.store import DEFAULT_GRACE_SECONDS
+from model.config import FeatureBlock, parse_feature_block
 from model.preprocess import DEFAULT_MAX_PIXELS
 
 MIB = 2**20
@@ -25,6 +26,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     image_size: int | None = None  # None: the checkpoint's (224 for the released ones)
     local_mode: str | None = None
+    # a block index or "final"; None: the checkpoint's default (README "Training-free descriptors")
+    feature_block: FeatureBlock | None = None
     precision: str | None = None  # MNN precision; None: the device's default
 
     max_batch_size: int = Field(8, ge=1, le=256, description="queries per model forward")
@@ -44,3 +47,8 @@ class Settings(BaseSettings):
     localize_api_key: str | None = None  # required by /localize when set
     build_on_start: bool = True  # build when the index is empty and references exist
     grace_seconds: float = Field(DEFAULT_GRACE_SECONDS, ge=0)
+
+    @field_validator("feature_block", mode="before")
+    @classmethod
+    def _parse_feature_block(cls, value: object) -> FeatureBlock | None:
+        return None if value is None or value == "" else parse_feature_block(value)

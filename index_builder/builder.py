@@ -54,6 +54,7 @@ from index_builder.store import (
     remove_unfinished,
     write_shard,
 )
+from model.config import FeatureBlock
 from model.errors import ImageDecodeError
 from model.extractor import FeatureExtractor
 from model.preprocess import open_rgb
@@ -69,6 +70,7 @@ class BuildConfig:
     device: str | None = None
     image_size: int | None = None
     local_mode: str | None = None
+    feature_block: FeatureBlock | None = None  # None: the checkpoint's default
     full: bool = False  # re-encode everything
     batch_size: int | None = None  # None: 16 on CPU, 64 on GPU
     shard_size: int = 256  # images per shard file set (~120 MB at 61x61x128)
@@ -116,7 +118,11 @@ def build_index(
     with BuildLock(index_dir):
         remove_unfinished(index_dir)
         extractor = extractor or FeatureExtractor.from_checkpoint(
-            config.checkpoint, config.device, image_size=config.image_size, local_mode=config.local_mode
+            config.checkpoint,
+            config.device,
+            image_size=config.image_size,
+            local_mode=config.local_mode,
+            feature_block=config.feature_block,
         )
         identity = encoding_identity(extractor, config.local_dtype)
         previous = _open_previous(index_dir)
@@ -200,6 +206,7 @@ def encoding_identity(extractor: FeatureExtractor, local_dtype: str) -> Encoding
         local_dtype=local_dtype,
         global_dim=global_dim,
         local_shape=local_shape,
+        feature_block=extractor.feature_block,
     )
 
 

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,10 @@ from index_builder.global_index import search as global_search
 from index_builder.search import check_compatible, prepare_query
 from index_builder.store import DEFAULT_GRACE_SECONDS, DEFAULT_LOCAL_DTYPE, IndexVersion
 from model.cache import cache_dir
+from model.config import FeatureBlock
 from model.datasets import VPRSplit
-from model.extractor import FeatureExtractor
+from model.extractor import FeatureExtractor, resolve_device
+from model.loading import load_model
 from model.matching import mnn_scores, rerank_order
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class EvalConfig:
     split: str = "test"
     checkpoint: str = "default"
     device: str | None = None
+    feature_block: FeatureBlock | None = None  # None: the checkpoint's default
     rerank_k: int = 100
     recalls: Sequence[int] = DEFAULT_RECALLS
     threshold_m: float = 25.0
@@ -61,6 +64,8 @@ class EvalReport:
     threshold_m: float
     rerank_k: int
     checkpoint: dict[str, str]
+    local_mode: str
+    feature_block: FeatureBlock
     global_recalls: dict[str, float]
     reranked_recalls: dict[str, float]
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -97,7 +102,9 @@ def evaluate(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     split = VPRSplit.load(config.dataset, config.split, config.queries_list)
-    extractor = extractor or FeatureExtractor.from_checkpoint(config.checkpoint, config.device)
+    extractor = extractor or FeatureExtractor.from_checkpoint(
+        config.checkpoint, config.device, feature_block=config.feature_block
+    )
     index_dir = config.index_dir or default_eval_index_dir(split)
     build_index(
         BuildConfig(
@@ -130,10 +137,29 @@ def evaluate(
         threshold_m=config.threshold_m,
         rerank_k=config.rerank_k,
         checkpoint={"description": extractor.info.description, "fingerprint": extractor.info.fingerprint},
+        local_mode=str(extractor.local_mode),
+        feature_block=extractor.feature_block,
         global_recalls=recall_at(as_dataset[0], positives, ns),
         reranked_recalls=recall_at(as_dataset[1], positives, ns),
         timings_s={k: round(v, 2) for k, v in timings.items()},
     )
+
+
+def evaluate_feature_blocks(
+    config: EvalConfig, blocks: Sequence[FeatureBlock], show_progress: bool = True
+) -> list[EvalReport]:
+    """One evaluation per feature block with the model loaded once. Each block's database index lives in
+    its own sub-directory (`feature-block-N`), so a repeated sweep re-encodes nothing."""
+    split = VPRSplit.load(config.dataset, config.split, config.queries_list)
+    root = config.index_dir or default_eval_index_dir(split)
+    loaded = load_model(config.checkpoint, resolve_device(config.device))
+    reports = []
+    for block in blocks:
+        extractor = FeatureExtractor(loaded, feature_block=block)
+        block_config = replace(config, feature_block=block, index_dir=root / f"feature-block-{block}")
+        log.info("feature block %s", block)
+        reports.append(evaluate(block_config, extractor, show_progress))
+    return reports
 
 
 def _database_order(version: IndexVersion, split: VPRSplit) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from index_builder.errors import IndexNotFound
+from model.config import FINAL, FeatureBlock
 from index_builder.global_index import GlobalIndexConfig
 
 FORMAT = "selavpr-index"
@@ -32,6 +33,7 @@ class EncodingIdentity:
     local_dtype: str
     global_dim: int
     local_shape: tuple[int, int, int]
+    feature_block: FeatureBlock = FINAL  # indexes written before it existed all used the final norm
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -162,6 +162,7 @@ def extractor_for(
     return FeatureExtractor(
         loaded,
         local_mode=identity.local_mode,
+        feature_block=identity.feature_block,
         image_size=identity.image_size,
         exif_transpose=identity.exif_transpose,
     )
@@ -169,12 +170,18 @@ def extractor_for(
 
 def check_compatible(index: IndexVersion, extractor: FeatureExtractor) -> None:
     identity = index.identity
-    got = (extractor.info.fingerprint, str(extractor.local_mode), extractor.preprocessing.image_size[0])
-    want = (identity.fingerprint, identity.local_mode, identity.image_size)
+    got = (
+        extractor.info.fingerprint,
+        str(extractor.local_mode),
+        extractor.feature_block,
+        extractor.preprocessing.image_size[0],
+    )
+    want = (identity.fingerprint, identity.local_mode, identity.feature_block, identity.image_size)
     if got != want:
         raise CheckpointMismatch(
             f"index {index.name} was built with checkpoint {want[0]} "
-            f"({index.manifest.checkpoint.description}), local mode {want[1]}, image size {want[2]}; "
-            f"this model is {got[0]}, {got[1]}, {got[2]}. "
-            "Use that checkpoint, or rebuild the index."
+            f"({index.manifest.checkpoint.description}), local mode {want[1]}, "
+            f"feature block {want[2]}, image size {want[3]}; this model is {got[0]}, {got[1]}, "
+            f"feature block {got[2]}, {got[3]}. "
+            "Use those settings, or rebuild the index."
         )

@@ -33,7 +33,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.config import DEFAULT_IMAGE_SIZE, LocalMode, SelaVPRConfig, ViTConfig
+from model.config import (
+    DEFAULT_IMAGE_SIZE,
+    FINAL,
+    FeatureBlock,
+    LocalMode,
+    SelaVPRConfig,
+    ViTConfig,
+    check_feature_block,
+    training_free_block,
+)
 from model.errors import CheckpointError
 from model.selavpr import SelaVPR
 
@@ -85,11 +94,34 @@ class CheckpointInfo:
             )
         return mode
 
+    @property
+    def trained(self) -> bool:
+        """Trained SelaVPR parts (adapters or local head): the paper's final-norm path is then the only one
+        they were trained for."""
+        return self.trained_adapters or self.trained_local_head
+
+    def check_feature_block(self, block: FeatureBlock, local_mode: LocalMode, depth: int) -> FeatureBlock:
+        block = check_feature_block(block, depth)
+        if block != FINAL and local_mode is LocalMode.LOCAL_HEAD:
+            raise CheckpointError(
+                f"{self.source}: feature block {block} with local mode '{local_mode}': the trained "
+                f"local head takes the final-norm tokens; use feature block '{FINAL}', or local mode "
+                f"'{LocalMode.PATCH_TOKENS}'"
+            )
+        return block
+
 
 @dataclass
 class LoadedModel:
     model: SelaVPR
     info: CheckpointInfo
+
+    @property
+    def default_feature_block(self) -> FeatureBlock:
+        """Trained SelaVPR checkpoints: the paper's path, exactly. Plain backbones (DINOv2 files, the default
+        weights) used training-free: an intermediate block's raw output, which localizes far better (README
+        "Training-free descriptors")."""
+        return FINAL if self.info.trained else training_free_block(self.model.cfg.vit.depth)
 
 
 # --- reading files ------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 PATCH_SIZE = 14
 # DINOv2 stores its positional embedding for a 37 x 37 patch grid (518 px).
@@ -17,8 +17,44 @@ class LocalMode(StrEnum):
 
     # SelaVPR's trained up-convolution head: (4g-3) x (4g-3) x 128, 61 x 61 x 128 at 224 px.
     LOCAL_HEAD = "local_head"
-    # Training-free: the L2-normalised final-norm patch tokens, g x g x D (16 x 16 x D at 224 px).
+    # Training-free: the L2-normalised patch tokens of the feature block (below), g x g x D (16 x 16 x D at
+    # 224 px); with feature block "final", the final-norm tokens.
     PATCH_TOKENS = "patch_tokens"
+
+
+# Where the descriptors come from: "final" is the paper's path (every block, then the final LayerNorm);
+# a block index N (0-based) takes block N's raw output, without the final norm, and the forward stops
+# there. Recorded with every feature set, like the local mode.
+FINAL = "final"
+FeatureBlock = int | Literal["final"]
+
+
+def training_free_block(depth: int) -> int:
+    """The starting point for a plain DINOv2 backbone: the block at about two thirds of its depth (index 8
+    of 12 for ViT-S/B, 16 of 24 for ViT-L, 27 of 40 for ViT-g). Measured on ViT-S only (README)."""
+    return round(2 * depth / 3)
+
+
+def parse_feature_block(value: str | int) -> FeatureBlock:
+    """'final' or a block index, as typed on a command line or in an environment variable."""
+    text = str(value).strip().lower()
+    if text == FINAL:
+        return FINAL
+    try:
+        block = int(text)
+    except ValueError:
+        raise ValueError(f"feature block {value!r}: expected a block index (0-based) or {FINAL!r}") from None
+    if block < 0:
+        raise ValueError(f"feature block {block} is negative: expected a block index (0-based) or {FINAL!r}")
+    return block
+
+
+def check_feature_block(block: FeatureBlock, depth: int) -> FeatureBlock:
+    """A parsed block, checked against a backbone of this depth."""
+    block = parse_feature_block(block)
+    if block != FINAL and block >= depth:
+        raise ValueError(f"feature block {block} does not exist: this backbone has blocks 0-{depth - 1}")
+    return block
 
 
 @dataclass(frozen=True)

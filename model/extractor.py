@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from model.checkpoints import LoadedModel
-from model.config import LocalMode, local_side
+from model.config import FeatureBlock, LocalMode, local_side
 from model.errors import ImageDecodeError
 from model.loading import load_model
 from model.preprocess import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, square
@@ -37,6 +37,7 @@ class Embeddings:
     local: np.ndarray  # (N, h, w, C) float32
     names: list[str]
     local_mode: LocalMode
+    feature_block: FeatureBlock
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
 
 
@@ -46,6 +47,7 @@ class FeatureExtractor:
         loaded: LoadedModel,
         *,
         local_mode: LocalMode | str | None = None,
+        feature_block: FeatureBlock | str | None = None,
         image_size: int | None = None,
         exif_transpose: bool = True,
         batch_size: int = 8,
@@ -55,6 +57,12 @@ class FeatureExtractor:
         self.info = loaded.info
         self.device = next(self.model.parameters()).device
         self.local_mode = self.info.check_local_mode(LocalMode(local_mode or self.info.default_local_mode))
+        # None: the checkpoint's default (the paper's final-norm path for trained SelaVPR checkpoints)
+        self.feature_block = self.info.check_feature_block(
+            loaded.default_feature_block if feature_block is None else feature_block,
+            self.local_mode,
+            self.model.cfg.vit.depth,
+        )
         self.preprocessing = Preprocessing(
             image_size=square(image_size or self.info.image_size),
             exif_transpose=exif_transpose,
@@ -77,7 +85,7 @@ class FeatureExtractor:
     @torch.inference_mode()
     def extract_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) preprocessed batch -> (global (B, D), local (B, h, w, C)) on the model's device."""
-        features = self.model(images.to(self.device), self.local_mode)
+        features = self.model(images.to(self.device), self.local_mode, self.feature_block)
         return features.global_desc, features.local
 
     def embed(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None) -> Embeddings:
@@ -95,6 +103,7 @@ class FeatureExtractor:
             local=np.concatenate(locals_) if locals_ else np.zeros((0, 0, 0, 0), np.float32),
             names=kept,
             local_mode=self.local_mode,
+            feature_block=self.feature_block,
             skipped=skipped,
         )
 

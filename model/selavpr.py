@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import LocalMode, SelaVPRConfig
+from model.config import FINAL, FeatureBlock, LocalMode, SelaVPRConfig
 from model.heads import LocalHead, gem_aggregation
 from model.vit import DinoVisionTransformer
 
@@ -20,6 +20,7 @@ class Features:
     global_desc: torch.Tensor  # (B, D), unit norm
     local: torch.Tensor
     local_mode: LocalMode
+    feature_block: FeatureBlock = FINAL
 
 
 class SelaVPR(nn.Module):
@@ -38,11 +39,11 @@ class SelaVPR(nn.Module):
         for name, param in self.named_parameters():
             param.requires_grad = not name.startswith("backbone.") or ".adapter" in name
 
-    def patch_map(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> final-norm patch tokens as a map (B, D, H/14, W/14)."""
+    def patch_map(self, images: torch.Tensor, feature_block: FeatureBlock = FINAL) -> torch.Tensor:
+        """(B, 3, H, W) -> patch tokens as a map (B, D, H/14, W/14): final-norm ones, or block N's output."""
         p = self.cfg.vit.patch_size
         b, _, h, w = images.shape
-        tokens = self.backbone(images)
+        tokens = self.backbone(images, feature_block)
         return tokens.reshape(b, h // p, w // p, -1).permute(0, 3, 1, 2)
 
     def global_descriptor(self, patch_map: torch.Tensor) -> torch.Tensor:
@@ -53,12 +54,19 @@ class SelaVPR(nn.Module):
             patch_map = self.LocalAdapt(patch_map)
         return F.normalize(patch_map.permute(0, 2, 3, 1), p=2, dim=-1)
 
-    def forward(self, images: torch.Tensor, local_mode: LocalMode = LocalMode.LOCAL_HEAD) -> Features:
-        patch_map = self.patch_map(images)
+    def forward(
+        self,
+        images: torch.Tensor,
+        local_mode: LocalMode = LocalMode.LOCAL_HEAD,
+        feature_block: FeatureBlock = FINAL,
+    ) -> Features:
+        """The paper's network by default; `feature_block` N is the training-free variant (README)."""
+        patch_map = self.patch_map(images, feature_block)
         return Features(
             global_desc=self.global_descriptor(patch_map),
             local=self.local_features(patch_map, LocalMode(local_mode)),
             local_mode=LocalMode(local_mode),
+            feature_block=feature_block,
         )
 
     def trainable_parameter_count(self) -> int:

@@ -1,9 +1,10 @@
-"""The DINOv2 vision transformer (S/B/L/g, 0 or 4 registers), returning final-norm patch tokens."""
+"""The DINOv2 vision transformer (S/B/L/g, 0 or 4 registers), returning final-norm patch tokens or the raw
+patch tokens of an earlier block."""
 
 import torch
 from torch import nn
 
-from model.config import ViTConfig
+from model.config import FINAL, FeatureBlock, ViTConfig
 from model.layers import Block, PatchEmbed
 from model.layers.block import LAYER_NORM_EPS
 from model.pos_embed import interpolate_pos_embed
@@ -54,10 +55,15 @@ class DinoVisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], self.register_tokens.expand(b, -1, -1), x[:, 1:]), dim=1)
         return x
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> (B, H/14 * W/14, D) final-norm patch tokens, row-major."""
+    def forward(self, images: torch.Tensor, feature_block: FeatureBlock = FINAL) -> torch.Tensor:
+        """(B, 3, H, W) normalised images -> (B, H/14 * W/14, D) patch tokens, row-major: after every block
+        and the final norm ("final"), or block `feature_block`'s raw output, the later blocks never run."""
         x = self.prepare_tokens(images)
-        for block in self.blocks:
+        last = len(self.blocks) - 1 if feature_block == FINAL else int(feature_block)
+        if not 0 <= last < len(self.blocks):
+            raise ValueError(f"feature block {feature_block} does not exist: blocks 0-{len(self.blocks) - 1}")
+        for block in self.blocks[: last + 1]:
             x = block(x)
-        x = self.norm(x)
+        if feature_block == FINAL:
+            x = self.norm(x)
         return x[:, 1 + self.cfg.num_registers :]

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from model.config import LocalMode
+from model.config import FINAL, FeatureBlock, LocalMode, parse_feature_block
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +30,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "(default: the head when the checkpoint has a trained one)",
     )
     parser.add_argument(
+        "--feature-block",
+        type=feature_block,
+        default=None,
+        metavar="N|final",
+        help="descriptors from block N's raw output (0-based; later blocks are skipped), or "
+        f"'{FINAL}' for the paper's final-norm tokens (default: '{FINAL}' for trained SelaVPR checkpoints, "
+        "otherwise the block at two thirds of the depth, 8 for the default ViT-S)",
+    )
+    parser.add_argument(
         "--no-exif-transpose",
         dest="exif_transpose",
         action="store_false",
@@ -43,6 +52,7 @@ def extractor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "image_size": args.image_size,
         "local_mode": args.local_mode,
+        "feature_block": args.feature_block,
         "exif_transpose": args.exif_transpose,
     }
 
@@ -57,3 +67,10 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return value
+
+
+def feature_block(text: str) -> FeatureBlock:
+    try:
+        return parse_feature_block(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

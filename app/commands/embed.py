@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
             **{"global": emb.global_desc, "local": emb.local},
             paths=np.array(emb.names),
             local_mode=np.array(str(emb.local_mode)),
+            feature_block=np.array(str(emb.feature_block)),
             fingerprint=np.array(extractor.info.fingerprint),
             image_size=np.array(extractor.preprocessing.image_size),
         )
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
             "global_shape": list(emb.global_desc.shape),
             "local_shape": list(emb.local.shape),
             "local_mode": str(emb.local_mode),
+            "feature_block": emb.feature_block,
             "checkpoint": extractor.info.description,
             "fingerprint": extractor.info.fingerprint,
             "skipped": [{"path": name, "reason": reason} for name, reason in emb.skipped],

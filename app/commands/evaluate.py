@@ -1,4 +1,5 @@
-"""`selavpr eval --dataset ROOT`: Recall@N, global and re-ranked, as the paper measures it."""
+"""`selavpr eval --dataset ROOT`: Recall@N, global and re-ranked, as the paper measures it; with
+`--feature-blocks`, once per feature block, to choose the block on one's own data."""
 
 from __future__ import annotations
 
@@ -6,9 +7,17 @@ import argparse
 import json
 from pathlib import Path
 
-from app.commands.common import positive_int
-from index_builder.evaluate import DEFAULT_RECALLS, EvalConfig, EvalReport, evaluate, plot_recalls
+from app.commands.common import feature_block, positive_int
+from index_builder.evaluate import (
+    DEFAULT_RECALLS,
+    EvalConfig,
+    EvalReport,
+    evaluate,
+    evaluate_feature_blocks,
+    plot_recalls,
+)
 from index_builder.store import DEFAULT_LOCAL_DTYPE, LOCAL_DTYPES
+from model.config import FeatureBlock
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +28,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--checkpoint", default="default")
     parser.add_argument("--device", default="auto")
+    blocks = parser.add_mutually_exclusive_group()
+    blocks.add_argument(
+        "--feature-block",
+        type=feature_block,
+        default=None,
+        metavar="N|final",
+        help="descriptors from block N's output or 'final' (default: the checkpoint's, see README)",
+    )
+    blocks.add_argument(
+        "--feature-blocks",
+        type=feature_blocks,
+        default=None,
+        metavar="N,N,...",
+        help="sweep: evaluate each block (e.g. 4,6,8,11,final), each with its own cached database index",
+    )
     parser.add_argument("--rerank-k", type=positive_int, default=100)
     parser.add_argument(
         "--recalls", default=",".join(map(str, DEFAULT_RECALLS)), help="N values, comma-separated"
@@ -28,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--queries-list", type=Path, help="only these queries (e.g. the official MSLS-val 740)"
     )
     parser.add_argument("--out", type=Path, help="write the results JSON here")
-    parser.add_argument("--plot", type=Path, help="draw Recall@N curves to this PNG")
+    parser.add_argument("--plot", type=Path, help="draw Recall@N curves to this PNG (not with a sweep)")
     parser.add_argument("--index-dir", type=Path, help="database index (default: a cache directory)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--precision", default="float32", help="MNN precision (default: exact float32)")
@@ -38,12 +62,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def feature_blocks(text: str) -> list[FeatureBlock]:
+    blocks = [feature_block(part) for part in text.split(",") if part.strip()]
+    if not blocks:
+        raise argparse.ArgumentTypeError("expected block indices and/or 'final', comma-separated")
+    return list(dict.fromkeys(blocks))  # each once, in the order given
+
+
 def run(args: argparse.Namespace) -> int:
     config = EvalConfig(
         dataset=args.dataset,
         split=args.split,
         checkpoint=args.checkpoint,
         device=args.device,
+        feature_block=args.feature_block,
         rerank_k=args.rerank_k,
         recalls=[int(n) for n in args.recalls.split(",") if n.strip()],
         threshold_m=args.threshold_m,
@@ -53,14 +85,32 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         local_dtype=args.local_dtype,
     )
+    if args.feature_blocks is not None:
+        return run_sweep(args, config)
     report = evaluate(config)
     print(table(report))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        write_json(args.out, report.to_dict())
     if args.plot:
         plot_recalls(report, args.plot)
     return 0
+
+
+def run_sweep(args: argparse.Namespace, config: EvalConfig) -> int:
+    if args.plot:
+        raise ValueError("--plot draws one evaluation; leave it out with --feature-blocks")
+    reports = evaluate_feature_blocks(config, args.feature_blocks)
+    for report in reports:
+        print(table(report), end="\n\n")
+    print(sweep_table(reports))
+    if args.out:
+        write_json(args.out, {"feature_blocks": [r.to_dict() for r in reports]})
+    return 0
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def table(report: EvalReport) -> str:
@@ -68,8 +118,21 @@ def table(report: EvalReport) -> str:
     rows = [
         f"{report.dataset} [{report.split}]: {report.queries} queries, {report.database} database images, "
         f"{report.queries_without_positives} queries without a positive within {report.threshold_m:g} m",
+        f"feature block {report.feature_block}, local mode {report.local_mode}",
         "stage      " + "".join(f"{'R@' + n:>9}" for n in ns),
         "global     " + "".join(f"{report.global_recalls[n]:9.2f}" for n in ns),
         "re-ranked  " + "".join(f"{report.reranked_recalls[n]:9.2f}" for n in ns),
     ]
+    return "\n".join(rows)
+
+
+def sweep_table(reports: list[EvalReport]) -> str:
+    """One row per feature block: global and re-ranked Recall@N side by side."""
+    ns = list(reports[0].global_recalls)
+    header = "block  " + "".join(f"{'global R@' + n:>13}" for n in ns)
+    header += "".join(f"{'re-ranked R@' + n:>16}" for n in ns)
+    rows = [header]
+    for r in reports:
+        row = f"{r.feature_block!s:<7}" + "".join(f"{r.global_recalls[n]:13.2f}" for n in ns)
+        rows.append(row + "".join(f"{r.reranked_recalls[n]:16.2f}" for n in ns))
     return "\n".join(rows)

@@ -54,6 +54,7 @@ def run_build(args: argparse.Namespace) -> int:
         device=args.device,
         image_size=args.image_size,
         local_mode=args.local_mode,
+        feature_block=args.feature_block,
         full=args.full,
         batch_size=args.batch_size,
         shard_size=args.shard_size,

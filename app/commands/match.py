@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         "mnn_matches": 0 if args.reference_compatible and count == 1 else count,
         "global_similarity": float(emb.global_desc[0] @ emb.global_desc[1]),
         "local_mode": str(emb.local_mode),
+        "feature_block": emb.feature_block,
         "local_shape": list(emb.local.shape[1:]),
         "checkpoint": extractor.info.description,
         "fingerprint": extractor.info.fingerprint,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.commands.common import positive_int
+from app.commands.common import feature_block, positive_int
 from app.settings import Settings
 
 # flag -> Settings field; every flag defaults to the environment / built-in default
@@ -17,6 +17,7 @@ FLAGS = {
     "--host": ("host", str),
     "--port": ("port", int),
     "--image-size": ("image_size", positive_int),
+    "--feature-block": ("feature_block", feature_block),
     "--max-batch-size": ("max_batch_size", positive_int),
     "--max-batch-wait-ms": ("max_batch_wait_ms", float),
     "--max-upload-bytes": ("max_upload_bytes", positive_int),

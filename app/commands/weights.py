@@ -67,6 +67,7 @@ def describe(checkpoint: str) -> dict:
     loaded = load_model(checkpoint)
     info = asdict(loaded.info)
     info["default_local_mode"] = str(loaded.info.default_local_mode)
+    info["default_feature_block"] = loaded.default_feature_block
     info["architecture"] = loaded.model.cfg.to_dict()
     info["parameters"] = sum(p.numel() for p in loaded.model.parameters())
     info["trainable_parameters"] = loaded.model.trainable_parameter_count()
