@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from index_builder.errors import IndexNotFound
-from model.config import FINAL, FeatureBlock
 from index_builder.global_index import GlobalIndexConfig
+from model.config import FINAL, FeatureBlock
 
 FORMAT = "selavpr-index"
 FORMAT_VERSION = 1

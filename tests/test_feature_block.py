@@ -159,7 +159,7 @@ def test_the_index_records_the_block_and_a_change_reencodes(refs, tmp_path, plai
     index_dir = tmp_path / "index"
     first = build(refs, index_dir, plain_ckpt)
     version = IndexVersion.open_current(index_dir)
-    assert version.identity.feature_block == 4 and version.manifest["encoding"]["feature_block"] == 4
+    assert version.identity.feature_block == 4 and version.manifest.encoding.feature_block == 4
     assert extractor_for(version, device="cpu").feature_block == 4  # search uses what was recorded
     version.close()
     assert build(refs, index_dir, plain_ckpt).encoded == 0  # same block: nothing to do
