@@ -37,6 +37,7 @@ def free_port() -> int:
 
 
 def request(method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout=60):
+    """(status, JSON body) of one HTTP call; error statuses are answers too."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
@@ -62,6 +63,11 @@ def multipart(files: list[tuple[str, Path]], fields: list[tuple[str, str]]) -> t
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+def post_image(url: str, path: Path) -> tuple[int, dict]:
+    body, content_type = multipart([("image", path)], [])
+    return request("POST", url, body, {"Content-Type": content_type})
+
+
 def wait_for(check, what: str, deadline: float, server: subprocess.Popen) -> None:
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -80,7 +86,7 @@ def newcomer_path(base: str, shared: Path, deadline: float, server: subprocess.P
     status, home = request("GET", f"{base}/")
     assert status == 200 and "next_steps" in home, (status, home)
     print(f"GET / -> {home['status']}")
-    status, body = request("POST", f"{base}/localize", *multipart([("image", _view(shared, "p0", "i2"))], []))
+    status, body = post_image(f"{base}/localize", _view(shared, "p0", "i2"))
     assert status == 503 and "POST /index/images" in body["error"]["message"], (status, body)
     print(f"POST /localize before any reference -> 503: {body['error']['message']}")
 
@@ -107,7 +113,7 @@ def newcomer_path(base: str, shared: Path, deadline: float, server: subprocess.P
     print(f"POST /index/rebuild -> indexed {len(files)} images")
 
     query = _view(shared, "p4", "i2")
-    status, result = request("POST", f"{base}/localize", *multipart([("image", query)], []))
+    status, result = post_image(f"{base}/localize", query)
     assert status == 200, (status, result)
     top = result["matches"][0]
     expected = {_view(shared, "p4", v).name for v in ("i0", "i1")}

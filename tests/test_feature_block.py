@@ -16,8 +16,9 @@ from app.commands.serve import settings_from
 from app.settings import Settings
 from bench.shared_dataset import make_dataset
 from index_builder.builder import BuildConfig, build_index
+from index_builder.manifest import EncodingIdentity
 from index_builder.search import CheckpointMismatch, Localizer, extractor_for
-from index_builder.store import EncodingIdentity, IndexVersion
+from index_builder.store import IndexVersion
 from model.config import FINAL, LocalMode, SelaVPRConfig, parse_feature_block, training_free_block
 from model.errors import CheckpointError
 from model.extractor import FeatureExtractor
