@@ -42,3 +42,7 @@ class Settings(BaseSettings):
     localize_api_key: str | None = None  # required by /localize when set
     build_on_start: bool = True  # build when the index is empty and references exist
     grace_seconds: float = Field(600.0, ge=0)
+
+    # The web page's map. None: markers and circles on a plain background (works offline).
+    tile_url: str | None = None  # e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png
+    tile_attribution: str | None = None  # shown on the map; required by most tile providers
