@@ -3,7 +3,7 @@
 "use strict";
 
 const KEY_STORAGE = "selavpr.apiKey"; // sessionStorage: gone when the tab closes
-const PAIRS_DRAWN = 150; // lines in "why this match": enough to see the pattern, few enough to read
+const PAIRS_DRAWN = 60; // lines in "why this match": enough to see the pattern, few enough to follow each
 const PAIRS_HEIGHT = 480; // both images are drawn at this height
 const PAGE_SIZE = 24;
 const STATUS_POLL_MS = { running: 700, idle: 5000 };
@@ -90,13 +90,18 @@ function askForKey(wasWrong) {
   });
 }
 
-function show(element, text) {
+function show(element, text, kind = "error") {
   element.textContent = text || "";
   element.hidden = !text;
+  element.classList.toggle("ok", kind === "ok");
 }
 
 function megabytes(bytes) {
   return `${(bytes / 2 ** 20).toFixed(1)} MB`;
+}
+
+function fileSize(bytes) {
+  return bytes < 2 ** 20 ? `${Math.ceil(bytes / 1024)} kB` : megabytes(bytes);
 }
 
 /** The refusal message when a file is over the limit, else null: nothing that large is ever sent. */
@@ -137,7 +142,7 @@ function renderResult(file, result, roundTripMs) {
   state.result = result;
   $("result").hidden = false;
   $("query-preview").src = state.queryUrl;
-  $("query-caption").textContent = `${file.name} · ${megabytes(file.size)}`;
+  $("query-caption").textContent = `${file.name} · ${fileSize(file.size)}`;
   const estimate = result.location;
   $("estimate").textContent = estimate
     ? `Estimated location ${estimate.lat.toFixed(5)}, ${estimate.lon.toFixed(5)} ` +
@@ -170,7 +175,6 @@ function renderMatches(result) {
     const thumb = el("img", {
       src: `/index/references/${match.id}/thumbnail?v=${encodeURIComponent(result.index_version)}`,
       alt: match.path,
-      loading: "lazy",
     });
     const facts = el(
       "div",
@@ -290,22 +294,19 @@ function drawPairs(answer) {
   svg.setAttribute("viewBox", `0 0 ${qw + gap + rw} ${PAIRS_HEIGHT}`);
   const refUrl = `/index/references/${answer.reference_id}/image?v=${encodeURIComponent(answer.index_version)}`;
   const lines = svgEl("g", { class: "pair-lines" });
+  const ends = svgEl("g", { class: "pair-ends" });
   answer.pairs.forEach((pair, i) => {
-    const hue = Math.round((i * 137.5) % 360); // golden-angle hues: neighbours get distinct colours
-    lines.append(
-      svgEl("line", {
-        x1: pair.query[0] * qs,
-        y1: pair.query[1] * qs,
-        x2: qw + gap + pair.reference[0] * rs,
-        y2: pair.reference[1] * rs,
-        stroke: `hsl(${hue} 90% 55%)`,
-      }),
-    );
+    const colour = `hsl(${Math.round((i * 137.5) % 360)} 90% 55%)`; // golden angle: neighbours differ
+    const [x1, y1] = [pair.query[0] * qs, pair.query[1] * qs];
+    const [x2, y2] = [qw + gap + pair.reference[0] * rs, pair.reference[1] * rs];
+    lines.append(svgEl("line", { x1, y1, x2, y2, stroke: colour }));
+    ends.append(svgEl("circle", { cx: x1, cy: y1, r: 3, fill: colour }), svgEl("circle", { cx: x2, cy: y2, r: 3, fill: colour }));
   });
   svg.replaceChildren(
     svgEl("image", { href: state.queryUrl, x: 0, y: 0, width: qw, height: PAIRS_HEIGHT, preserveAspectRatio: "none" }),
     svgEl("image", { href: refUrl, x: qw + gap, y: 0, width: rw, height: PAIRS_HEIGHT, preserveAspectRatio: "none" }),
     lines,
+    ends,
   );
 }
 
@@ -381,7 +382,6 @@ async function loadReferences() {
       el("img", {
         src: `/index/references/${item.id}/thumbnail?v=${encodeURIComponent(page.index_version)}`,
         alt: item.name,
-        loading: "lazy",
       }),
       el("span", { class: "name", title: item.path }, item.name),
       el("span", { class: "where" }, item.lat !== null ? `${item.lat.toFixed(5)}, ${item.lon.toFixed(5)}` : "no location"),
@@ -448,7 +448,8 @@ async function uploadReferences() {
     }
   }
   const summary = `${stored} of ${rows.length} uploaded.`;
-  show($("upload-message"), problems.length ? `${summary} ${problems.join(" ")}` : summary);
+  if (problems.length) show($("upload-message"), `${summary} ${problems.join(" ")}`);
+  else show($("upload-message"), summary, "ok");
   if (stored && $("rebuild-after").checked) await startRebuild();
 }
 
@@ -522,8 +523,12 @@ async function main() {
   }
   topK.value = String(state.config.default_top_k);
   if (topK.value !== String(state.config.default_top_k)) topK.value = "5";
-  $("query-file").addEventListener("change", (e) => localize(e.target.files[0]));
-  $("camera-file").addEventListener("change", (e) => localize(e.target.files[0]));
+  for (const input of [$("query-file"), $("camera-file")]) {
+    input.addEventListener("change", () => {
+      localize(input.files[0]);
+      input.value = ""; // choosing the same photo again localizes it again
+    });
+  }
   $("pairs-close").addEventListener("click", closePairs);
   $("tab-localize").addEventListener("click", () => selectTab("localize"));
   $("tab-references").addEventListener("click", () => selectTab("references"));
