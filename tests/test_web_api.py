@@ -3,13 +3,16 @@ reference listing and renditions, and the 'why this match' pairs."""
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import sqlite3
+import tomllib
 
 import pytest
 from PIL import Image
 
 from app.routers.web import STATIC_DIR, content_security_policy
+from tests.conftest import REPO
 from tests.test_service import built, files, running, settings_for, tiny_ckpt, workspace  # noqa: F401
 
 pytestmark = pytest.mark.anyio
@@ -153,3 +156,18 @@ async def test_pairs_obey_the_upload_limit_and_the_localize_key(built, tiny_ckpt
         )
     assert unauthorised.status_code == 401
     assert big.status_code == 413
+
+
+def test_every_static_file_ships_in_the_package():
+    """pyproject's package-data globs must cover every file of the page, or an installed server lacks it."""
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "app"
+    ]
+    app_dir = REPO / "app"
+    files = [p.relative_to(app_dir).as_posix() for p in STATIC_DIR.rglob("*") if p.is_file()]
+    missing = [
+        f
+        for f in files
+        if not any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/") for pat in patterns)
+    ]
+    assert files and missing == []

@@ -3,13 +3,15 @@ error messages, and what a first visit costs."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
+from PIL import Image
 from playwright.sync_api import expect
 
 from tests.browser.conftest import SCREENSHOTS, UPLOAD_LIMIT
-from tests.browser.pages import drop_file, open_page
+from tests.browser.pages import OffOrigin, drop_file, open_page
 
 SCORE = re.compile(r"score \d\.\d{3}")
 
@@ -100,6 +102,7 @@ def test_why_this_match_draws_the_endpoints_pairs(site, server, screenshots):
         data={"reference_id": reference_id, "index_version": version, "max_pairs": str(cap)},
     ).json()
     assert answer["mnn_matches"] > cap and len(answer["pairs"]) == cap  # capped and thinned
+    expect(first.locator(".mnn")).to_have_text(f"{answer['mnn_matches']} MNN")  # what re-ranking counted
     expect(site.locator("#pairs-svg line")).to_have_count(len(answer["pairs"]), timeout=60_000)
     expect(site.locator("#pairs-summary")).to_contain_text(
         f"{answer['mnn_matches']} mutual nearest-neighbour"
@@ -177,3 +180,39 @@ def test_first_visit_page_weight(browser, server):
     context.close()
     assert "/static/vendor/leaflet/leaflet.js" in sizes
     assert total < 150_000, report  # Leaflet gzipped is most of it
+
+
+def test_with_a_tile_url_the_map_draws_tiles_and_their_attribution(browser, server, screenshots):
+    """The tile setting as the page receives it, pointed at this origin (no outside host is reachable
+    here): tiles are requested from it and the attribution is shown instead of the plain-map note."""
+    config = server.get("/ui/config").json()
+    config["tiles"] = {"url": server.base + "/tiles/{z}/{x}/{y}.png", "attribution": "© Test Tiles"}
+    tile = _grey_png()
+    tiles_served = []
+    page = browser.new_page()
+    guard = OffOrigin(server.base)
+    page.route("**/*", guard.handle)
+    page.route("**/ui/config", lambda route: route.fulfill(json=config))
+    page.route(
+        "**/tiles/**",
+        lambda route: (
+            tiles_served.append(route.request.url),
+            route.fulfill(body=tile, content_type="image/png"),
+        ),
+    )
+    page.goto(server.base + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    page.set_input_files("#query-file", str(server.queries[2]))
+    expect(page.locator("#map .leaflet-tile-loaded").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#map .leaflet-control-attribution")).to_contain_text("© Test Tiles")
+    expect(page.locator("#map-note")).to_be_hidden()
+    page.screenshot(path=screenshots / "localize-with-tiles.png")
+    page.close()
+    assert tiles_served and all("/tiles/" in url for url in tiles_served)
+    assert guard.seen == []
+
+
+def _grey_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (256, 256), (200, 210, 200)).save(out, "PNG")
+    return out.getvalue()
