@@ -134,7 +134,8 @@ def _wait_ready(server: Server, proc: subprocess.Popen, seconds: float = 300) ->
 
 @pytest.fixture
 def site(page, server) -> Iterator:
-    """The page, opened on the server, with every request leaving its origin aborted; none may occur."""
+    """The page, opened on the server, with every request leaving its origin aborted; none may occur, nor
+    a script error or a Content-Security-Policy violation."""
     guard = open_page(page, server.base)
     yield page
-    assert guard.seen == [], f"requests left the server's origin: {guard.seen}"
+    assert guard.problems(page) == [], "requests off the origin, script errors or CSP violations"

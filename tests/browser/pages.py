@@ -7,13 +7,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+RECORD_CSP_VIOLATIONS = """
+    window.cspViolations = [];
+    document.addEventListener("securitypolicyviolation",
+        (e) => window.cspViolations.push(`${e.violatedDirective} ${e.blockedURI}`));
+"""
+
 
 @dataclass
 class OffOrigin:
-    """Every request the page makes that does not go to the server's own origin (aborted, recorded)."""
+    """Every request the page makes that does not go to the server's own origin (aborted, recorded),
+    and every script error or Content-Security-Policy violation on the page (see `problems`)."""
 
     origin: str
     seen: list[str] = field(default_factory=list)
+    script_errors: list[str] = field(default_factory=list)
+
+    def watch(self, page) -> None:
+        page.add_init_script(RECORD_CSP_VIOLATIONS)
+        page.on("pageerror", lambda error: self.script_errors.append(str(error)))
+        page.route("**/*", self.handle)
+
+    def problems(self, page) -> list[str]:
+        violations = page.evaluate("window.cspViolations || []") if not page.is_closed() else []
+        return self.seen + self.script_errors + violations
 
     def handle(self, route) -> None:
         url = route.request.url
@@ -27,7 +44,7 @@ class OffOrigin:
 
 def open_page(page, base: str) -> OffOrigin:
     guard = OffOrigin(base)
-    page.route("**/*", guard.handle)
+    guard.watch(page)
     page.goto(base + "/")
     page.wait_for_selector("body[data-ready=true]")
     return guard

@@ -84,8 +84,8 @@ def test_phone_layout_with_the_camera_input(browser, playwright, server, screens
     assert map_box["y"] >= query_box["y"] + query_box["height"]
     assert page.evaluate("document.documentElement.scrollWidth") <= width
     page.screenshot(path=screenshots / "localize-phone.png", full_page=True)
+    assert guard.problems(page) == []
     context.close()
-    assert guard.seen == []
 
 
 def test_why_this_match_draws_the_endpoints_pairs(site, server, screenshots):
@@ -191,7 +191,7 @@ def test_with_a_tile_url_the_map_draws_tiles_and_their_attribution(browser, serv
     tiles_served = []
     page = browser.new_page()
     guard = OffOrigin(server.base)
-    page.route("**/*", guard.handle)
+    guard.watch(page)
     page.route("**/ui/config", lambda route: route.fulfill(json=config))
     page.route(
         "**/tiles/**",
@@ -207,9 +207,9 @@ def test_with_a_tile_url_the_map_draws_tiles_and_their_attribution(browser, serv
     expect(page.locator("#map .leaflet-control-attribution")).to_contain_text("© Test Tiles")
     expect(page.locator("#map-note")).to_be_hidden()
     page.screenshot(path=screenshots / "localize-with-tiles.png")
+    assert guard.problems(page) == []
     page.close()
     assert tiles_served and all("/tiles/" in url for url in tiles_served)
-    assert guard.seen == []
 
 
 def _grey_png() -> bytes:
