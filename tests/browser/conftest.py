@@ -54,15 +54,38 @@ def _unavailable() -> str | None:
 def require_chromium() -> None:
     reason = _unavailable()
     if reason is None:
+        from playwright.sync_api import expect
+
+        expect.set_options(timeout=30_000)  # a CPU forward on a busy 2-core machine takes seconds
         return
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"browser tests must run in CI: {reason}")
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args, require_chromium):
-    return {**browser_type_launch_args, "executable_path": str(CHROMIUM), "args": CHROMIUM_FLAGS}
+# Package scope, not session: the sync API runs an event loop in this thread while it is started, and the
+# asyncio tests after this package need the thread free of it again.
+@pytest.fixture(scope="package")
+def playwright(require_chromium) -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="package")
+def browser(playwright) -> Iterator:
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+    yield browser
+    browser.close()
+
+
+@pytest.fixture
+def page(browser) -> Iterator:
+    """A desktop-sized page in a fresh context (no cache, no sessionStorage)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    yield context.new_page()
+    context.close()
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +108,7 @@ class Server:
         return httpx.post(self.base + path, timeout=120, **kwargs)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(tmp_path_factory, shared_data, require_chromium) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("web")
     refs, queries, rows = root / "refs", [], ["path,lat,lon"]
