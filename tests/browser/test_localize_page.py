@@ -135,7 +135,9 @@ def test_readable_errors_for_a_text_file_a_broken_image_and_an_oversize_file(sit
     site.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
     big = {"name": "huge.jpg", "mimeType": "image/jpeg", "buffer": b"\xff\xd8" + bytes(UPLOAD_LIMIT)}
     site.set_input_files("#query-file", files=[big])
-    expect(message).to_contain_text("huge.jpg is 8.0 MB; the limit is 8.0 MB. It was not sent.")
+    expect(message).to_have_text(
+        "huge.jpg is 8.0 MB; the limit is 8.0 MB (8,388,610 bytes; at most 8,388,608). It was not sent."
+    )
     site.screenshot(path=screenshots / "error-oversize.png")
     assert posts == []
 

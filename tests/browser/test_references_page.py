@@ -78,5 +78,7 @@ def test_a_wrong_key_is_refused_in_words(site, server):
     site.click("#rebuild")
     site.fill("#key-input", "not-the-key")
     site.click("#key-save")
-    expect(site.locator("#index-error")).to_contain_text("API key")
+    expect(site.locator("#rebuild-message")).to_contain_text("the key given was missing or wrong")
+    site.wait_for_timeout(1500)  # a status poll or two later the message is still there
+    expect(site.locator("#rebuild-message")).to_contain_text("the key given was missing or wrong")
     assert server.get("/index/status").json()["state"] == "idle"

@@ -108,7 +108,9 @@ function fileSize(bytes) {
 function oversize(file) {
   const limit = state.config.max_upload_bytes;
   if (file.size <= limit) return null;
-  return `${file.name} is ${megabytes(file.size)}; the limit is ${megabytes(limit)}. It was not sent.`;
+  const [size, max] = [megabytes(file.size), megabytes(limit)];
+  const exact = size === max ? ` (${file.size.toLocaleString("en")} bytes; at most ${limit.toLocaleString("en")})` : "";
+  return `${file.name} is ${size}; the limit is ${max}${exact}. It was not sent.`;
 }
 
 // --- localize ------------------------------------------------------------------------------------
@@ -358,10 +360,11 @@ function schedulePoll(kind) {
 }
 
 async function startRebuild() {
+  show($("rebuild-message"), "");
   try {
     await api("/index/rebuild", { method: "POST" });
   } catch (err) {
-    show($("index-error"), describe(err));
+    show($("rebuild-message"), describe(err)); // apart from #index-error, which each status poll rewrites
   }
   refreshStatus();
 }
