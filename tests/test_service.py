@@ -304,7 +304,7 @@ async def test_no_references_no_index_is_not_ready(tmp_path, tiny_ckpt):
         assert response.status_code == 503 and "no index" in response.json()["error"]["message"]
         assert (await client.get("/index/status")).json()["index_version"] is None
         # a first run explains itself: GET / and the 503 name the HTTP way to add references
-        home = (await client.get("/")).json()
+        home = (await client.get("/", headers={"Accept": "application/json"})).json()
         assert home["ready"] is False and any("POST /index/images" in step for step in home["next_steps"])
         photo = io.BytesIO()
         Image.new("RGB", (64, 48), "gray").save(photo, format="PNG")

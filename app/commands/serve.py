@@ -23,6 +23,8 @@ FLAGS = {
     "--max-upload-bytes": ("max_upload_bytes", positive_int),
     "--api-key": ("api_key", str),
     "--localize-api-key": ("localize_api_key", str),
+    "--tile-url": ("tile_url", str),
+    "--tile-attribution": ("tile_attribution", str),
 }
 
 
