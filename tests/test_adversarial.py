@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import select
 import shutil
 import signal
 import socket
@@ -24,6 +23,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from app.main import create_app
 from app.settings import Settings
+from bench.abuse import bytes_sent_before_the_answer
 from tests.conftest import SHARED_DATA
 from tests.helpers import tiny_checkpoint
 
@@ -74,31 +74,6 @@ def server(tmp_path_factory, shared_data) -> str:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-def bytes_sent_before_the_answer(base: str, path: str, declared: int, headers: str = "") -> tuple[int, bytes]:
-    """Stream a body of `declared` bytes over a raw socket, 64 KiB at a time, stopping as soon as an
-    answer arrives: (bytes of body sent by then, the status line). A small send buffer keeps what the
-    kernel holds for the server small, so bytes sent bound the bytes the server read."""
-    host, port = base.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {declared}\r\n"
-            f"Content-Type: multipart/form-data; boundary=b\r\n{headers}\r\n"
-        )
-        sock.sendall(head.encode())
-        chunk, sent = b"\0" * 65536, 0
-        while sent < declared:
-            readable, writable, _ = select.select([sock], [sock], [], 10)
-            if readable:
-                break
-            if writable:
-                try:
-                    sent += sock.send(chunk[: declared - sent])
-                except (BrokenPipeError, ConnectionResetError):
-                    break
-        return sent, sock.recv(65536).split(b"\r\n", 1)[0]
 
 
 def test_unauthenticated_400mb_upload_is_refused_before_1mb(server):
