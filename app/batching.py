@@ -1,9 +1,10 @@
 """Micro-batching with fairness and bounds: concurrent /localize queries share one model forward.
 
-One worker owns the model. Each request's queries wait in their own queue; the worker takes one query
-per request in turn (round robin), up to `max_batch` queries and `max_cost` (the candidates to re-rank)
-per batch, so a request of 16 expensive queries is served one query per round and an ordinary request
-waits at most about one expensive batch. With the default wait of 0 a lone request is never delayed.
+One worker owns the model. Each request's queries wait in their own queue; a batch takes at most one
+query per request per pass, cheapest first (cost: the candidates to re-rank), up to `max_batch` queries
+and `max_cost`, so a request of 16 expensive queries is served a query at a time and an ordinary query
+waits for about one batch, not behind all of them; a query waiting over `starvation_s` goes first.
+With the default wait of 0 a lone request is never delayed.
 
 Bounds: at most `max_queued` queries wait (beyond, `QueueFull`: the caller answers 503 with
 Retry-After); a cancelled query (deadline passed, client gone) is dropped before it runs. A query that
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,7 @@ class BatchItem:
     payload: Any
     cost: int
     future: asyncio.Future = field(repr=False)
+    enqueued: float = field(default_factory=time.monotonic)
 
 
 class MicroBatcher:
@@ -45,6 +48,7 @@ class MicroBatcher:
         on_batch: Callable[[int], None] = lambda size: None,
         max_queued: int = 1_000_000,
         max_cost: int | None = None,
+        starvation_s: float = 5.0,
     ) -> None:
         self.run_batch, self.max_batch, self.max_wait_s, self.on_batch = (
             run_batch,
@@ -52,7 +56,7 @@ class MicroBatcher:
             max_wait_s,
             on_batch,
         )
-        self.max_queued, self.max_cost = max_queued, max_cost
+        self.max_queued, self.max_cost, self.starvation_s = max_queued, max_cost, starvation_s
         self.waiting: OrderedDict[int, deque[BatchItem]] = OrderedDict()  # owner -> its queries
         self.queued = 0
         self.arrived: asyncio.Event | None = None
@@ -117,26 +121,34 @@ class MicroBatcher:
 
     # --- the worker ----------------------------------------------------------------------------------
 
-    def _take_round_robin(self, batch: list[BatchItem]) -> bool:
-        """Move live queries into `batch`, one per owner per pass; False when nothing more may be added."""
-        added = False
-        cost = sum(item.cost for item in batch)
-        for owner in list(self.waiting):
-            if len(batch) >= self.max_batch:
-                return False
-            queue = self.waiting[owner]
+    def _take(self, batch: list[BatchItem]) -> bool:
+        """Move queries into `batch`, at most one per request per pass; False when none was added.
+
+        Cheapest first (an ordinary query is not kept behind a batch of expensive ones), except that a
+        query waiting longer than `starvation_s` goes before all others (expensive work still runs)."""
+        now = time.monotonic()
+        heads = []
+        for owner, queue in list(self.waiting.items()):
             while queue and queue[0].future.done():  # cancelled: deadline passed or client gone
                 queue.popleft()
                 self.queued -= 1
-            if queue and batch and self.max_cost is not None and cost + queue[0].cost > self.max_cost:
-                return False
-            if queue:
-                item = queue.popleft()
-                self.queued -= 1
-                batch.append(item)
-                cost += item.cost
-                added = True
-                self.waiting.move_to_end(owner)  # the next batch starts with someone else
+            if not queue:
+                del self.waiting[owner]
+                continue
+            head = queue[0]
+            starved = now - head.enqueued > self.starvation_s
+            heads.append(((not starved, 0 if starved else head.cost, head.enqueued), owner))
+        added, cost = False, sum(item.cost for item in batch)
+        for _, owner in sorted(heads):
+            if len(batch) >= self.max_batch:
+                break
+            queue = self.waiting[owner]
+            if batch and self.max_cost is not None and cost + queue[0].cost > self.max_cost:
+                continue  # a cheaper query may still fit
+            item = queue.popleft()
+            self.queued -= 1
+            batch.append(item)
+            cost, added = cost + item.cost, True
             if not queue:
                 del self.waiting[owner]
         return added
@@ -147,7 +159,7 @@ class MicroBatcher:
         batch: list[BatchItem] = []
         while not batch:
             self.arrived.clear()
-            while self._take_round_robin(batch):
+            while self._take(batch):
                 pass
             if not batch:
                 await self.arrived.wait()
@@ -158,7 +170,7 @@ class MicroBatcher:
                 await asyncio.wait_for(self.arrived.wait(), remaining)
             except TimeoutError:
                 break
-            while self._take_round_robin(batch):
+            while self._take(batch):
                 pass
         return batch
 

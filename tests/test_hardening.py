@@ -9,7 +9,9 @@ import io
 import logging
 import os
 import shutil
+import threading
 
+import anyio
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -324,3 +326,21 @@ async def test_rebuild_requested_during_a_build_sees_uploads(workspace, tiny_ckp
         )
         status = await wait_idle(client)
         assert status["num_images"] == 10  # the nine references and the upload made during the build
+
+
+async def test_health_answers_while_the_thread_pool_is_busy(workspace, tiny_ckpt):
+    refs, index = workspace
+    async with running(settings_for(refs, index, tiny_ckpt)) as (_, client):
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        tokens, limiter.total_tokens = limiter.total_tokens, 1
+        release = threading.Event()
+        blocker = asyncio.ensure_future(anyio.to_thread.run_sync(release.wait))  # holds the only thread
+        await asyncio.sleep(0.05)
+        try:
+            health = await asyncio.wait_for(client.get("/healthz"), 5)
+            ready = await asyncio.wait_for(client.get("/readyz"), 5)
+        finally:
+            release.set()
+            await blocker
+            limiter.total_tokens = tokens
+        assert health.status_code == 200 and ready.status_code == 200
