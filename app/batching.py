@@ -3,7 +3,7 @@
 One worker owns the model. Each request's queries wait in their own queue; a batch takes at most one
 query per request per pass, cheapest first (cost: the candidates to re-rank), up to `max_batch` queries
 and `max_cost`, so a request of 16 expensive queries is served a query at a time and an ordinary query
-waits for about one batch, not behind all of them; a query waiting over `starvation_s` goes first.
+waits for about one batch, not behind all of them (the cost is aged by waiting: see `_take`).
 With the default wait of 0 a lone request is never delayed.
 
 Bounds: at most `max_queued` queries wait (beyond, `QueueFull`: the caller answers 503 with
@@ -48,7 +48,7 @@ class MicroBatcher:
         on_batch: Callable[[int], None] = lambda size: None,
         max_queued: int = 1_000_000,
         max_cost: int | None = None,
-        starvation_s: float = 5.0,
+        aging_s: float = 5.0,
     ) -> None:
         self.run_batch, self.max_batch, self.max_wait_s, self.on_batch = (
             run_batch,
@@ -56,7 +56,7 @@ class MicroBatcher:
             max_wait_s,
             on_batch,
         )
-        self.max_queued, self.max_cost, self.starvation_s = max_queued, max_cost, starvation_s
+        self.max_queued, self.max_cost, self.aging_s = max_queued, max_cost, aging_s
         self.waiting: OrderedDict[int, deque[BatchItem]] = OrderedDict()  # owner -> its queries
         self.queued = 0
         self.arrived: asyncio.Event | None = None
@@ -124,8 +124,9 @@ class MicroBatcher:
     def _take(self, batch: list[BatchItem]) -> bool:
         """Move queries into `batch`, at most one per request per pass; False when none was added.
 
-        Cheapest first (an ordinary query is not kept behind a batch of expensive ones), except that a
-        query waiting longer than `starvation_s` goes before all others (expensive work still runs)."""
+        Cheapest first, by cost aged by waiting: cost / (1 + waited / aging_s). An ordinary query is not
+        kept behind expensive ones, even when those have waited long (at 10x the cost, 45 s with the
+        default 5 s); expensive work runs whenever no cheaper work waits."""
         now = time.monotonic()
         heads = []
         for owner, queue in list(self.waiting.items()):
@@ -136,8 +137,8 @@ class MicroBatcher:
                 del self.waiting[owner]
                 continue
             head = queue[0]
-            starved = now - head.enqueued > self.starvation_s
-            heads.append(((not starved, 0 if starved else head.cost, head.enqueued), owner))
+            aged = head.cost / (1 + (now - head.enqueued) / self.aging_s)
+            heads.append(((aged, head.enqueued), owner))
         added, cost = False, sum(item.cost for item in batch)
         for _, owner in sorted(heads):
             if len(batch) >= self.max_batch:

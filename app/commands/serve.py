@@ -52,11 +52,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.heap import limit_arenas
+    from app.heap import limit_arenas, return_large_blocks
     from app.main import create_app
     from app.settings import check_exposure
 
     limit_arenas()
+    return_large_blocks()
     settings = settings_from(args)
     check_exposure(settings)  # before touching the disk
     settings.index_dir.mkdir(parents=True, exist_ok=True)
