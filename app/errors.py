@@ -15,14 +15,15 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, type_: str, message: str) -> None:
+    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.type, self.message = status, type_, message
+        self.status, self.type, self.message, self.headers = status, type_, message, headers
 
 
 class ServiceUnavailable(ApiError):
-    def __init__(self, message: str) -> None:
-        super().__init__(503, "unavailable", message)
+    def __init__(self, message: str, retry_after_s: int | None = None) -> None:
+        headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
+        super().__init__(503, "unavailable", message, headers)
 
 
 IMAGE_ERRORS = {
@@ -34,18 +35,24 @@ IMAGE_ERRORS = {
 }
 
 
-def error_response(status: int, type_: str, message: str, details: list | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    type_: str,
+    message: str,
+    details: list | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = {"status": status, "type": type_, "message": message}
     if details is not None:
         body["details"] = details
-    return JSONResponse({"error": body}, status_code=status)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI, count_error) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         count_error(exc.type)
-        return error_response(exc.status, exc.type, exc.message)
+        return error_response(exc.status, exc.type, exc.message, headers=exc.headers)
 
     @app.exception_handler(ImageDecodeError)
     async def image_error(request: Request, exc: ImageDecodeError) -> JSONResponse:

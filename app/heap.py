@@ -22,7 +22,8 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-M_ARENA_MAX = -8  # mallopt parameter number in glibc's malloc.h
+M_ARENA_MAX = -8  # mallopt parameter numbers in glibc's malloc.h
+M_MMAP_THRESHOLD = -3
 
 
 def limit_arenas(count: int = 2) -> None:
@@ -32,3 +33,13 @@ def limit_arenas(count: int = 2) -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_ARENA_MAX, count)
+
+
+def return_large_blocks(threshold: int = 8 * 2**20) -> None:
+    """Blocks of `threshold` bytes or more are mapped on their own and unmapped when freed. glibc would
+    otherwise raise its threshold after the first such free, and a decoded 100-megapixel image
+    (Pillow's 16 MiB blocks) then stays resident in each thread's arena after the request.
+    A no-op outside glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)

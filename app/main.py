@@ -9,17 +9,20 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import install_error_handlers
-from app.limits import BodySizeLimit
+from app.limits import ApiKeyGate, BodySizeLimit, UploadLimits, route_path
 from app.metrics import Metrics
 from app.routers import health, index, localize, pairs, references, web
 from app.service import VPRService
-from app.settings import Settings
+from app.settings import Settings, check_exposure
 
 UPLOAD_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the file itself
+ADMIN_ROUTES = frozenset({("POST", "/index/rebuild"), ("POST", "/index/images")})
+LOCALIZE_ROUTES = frozenset({("POST", "/localize"), ("POST", "/localize/batch"), ("POST", "/localize/pairs")})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    check_exposure(settings)
     metrics = Metrics()
     service = VPRService(settings, metrics)
 
@@ -29,7 +32,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await service.stop()
 
-    app = FastAPI(title="selavpr", summary="Visual place recognition (SelaVPR)", lifespan=lifespan)
+    app = FastAPI(
+        title="selavpr",
+        summary="Visual place recognition (SelaVPR)",
+        lifespan=lifespan,
+        root_path=settings.root_path,
+    )
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     install_error_handlers(app, lambda kind: metrics.errors.labels(kind).inc())
     routers = (localize.router, pairs.router, index.router, references.router, health.router, web.router)
@@ -38,16 +46,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     web.mount_static(app)
     routes = {route.path for router in routers for route in router.routes}
 
-    def body_limit(path: str) -> int | None:
+    def upload_limits(path: str) -> UploadLimits | None:
         single = settings.max_upload_bytes + UPLOAD_OVERHEAD
+        part, parts = settings.max_upload_bytes, settings.max_parts_per_request
         if path in ("/localize", "/localize/pairs"):
-            return single
+            return UploadLimits(single, part, parts)
         if path in ("/localize/batch", "/index/images"):
-            return single * settings.max_images_per_request
+            return UploadLimits(single * settings.max_images_per_request, part, parts)
+        return None
+
+    def key_for(method: str, path: str) -> str | None:
+        if (method, path) in ADMIN_ROUTES:
+            return settings.api_key
+        if (method, path) in LOCALIZE_ROUTES:
+            return settings.localize_api_key
         return None
 
     app.add_middleware(
-        BodySizeLimit, limit_for=body_limit, on_refused=lambda: metrics.errors.labels("too_large").inc()
+        BodySizeLimit, limits_for=upload_limits, on_refused=lambda: metrics.errors.labels("too_large").inc()
+    )
+    # Added last, so it runs first: a request without its key is answered before anything else.
+    app.add_middleware(
+        ApiKeyGate, key_for=key_for, on_refused=lambda: metrics.errors.labels("unauthorized").inc()
     )
     app.add_middleware(RequestMetrics, metrics=metrics, known_paths=routes)
     return app
@@ -63,7 +83,8 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoint = scope["path"] if scope["path"] in self.known else "other"
+        path = route_path(scope)
+        endpoint = path if path in self.known else "other"
         status = 500
         start = time.perf_counter()
 

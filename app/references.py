@@ -61,6 +61,28 @@ def write_reference(
     return {"name": name or target.name, "path": f"{UPLOADS}/{rel}", "lat": lat, "lon": lon}
 
 
+def write_references(
+    references: Path, batch: list[tuple[bytes, str, tuple[float, float] | None, str | None]]
+) -> list[dict]:
+    """Every (data, suffix, location, name) or none: when one fails, the files already written are
+    removed and the locations file is put back as it was, so a retry does not duplicate them."""
+    csv = references / UPLOADS / LOCATIONS_CSV
+    csv_before = csv.read_bytes() if csv.exists() else None
+    stored: list[dict] = []
+    try:
+        for data, suffix, location, name in batch:
+            stored.append(write_reference(references, data, suffix, location, name))
+    except BaseException:
+        for entry in stored:
+            (references / entry["path"]).unlink(missing_ok=True)
+        if csv_before is None:
+            csv.unlink(missing_ok=True)
+        else:
+            _write_atomically(csv, csv_before)
+        raise
+    return stored
+
+
 def _write_atomically(target: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
     try:

@@ -16,11 +16,14 @@ class BatchResponse(BaseModel):
 
 class RebuildJob(BaseModel):
     job_id: str
-    state: Literal["idle", "running", "failed"]
+    state: Literal["idle", "running", "failed", "queued"] = Field(
+        description="queued: a build is running; this one starts after it (and sees everything up to then)"
+    )
 
 
 class IndexStatusResponse(BaseModel):
     state: Literal["idle", "running", "failed"]
+    queued: bool = Field(False, description="one more build will run after the current one")
     progress: dict[str, Any] | None
     index_version: str | None
     num_images: int

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.batching import MicroBatcher
+from app.batching import MicroBatcher, QueueFull
 from app.errors import ServiceUnavailable
 from app.metrics import Metrics
 from app.rebuild import RebuildManager
@@ -24,6 +24,7 @@ from index_builder.sources import scan_references
 from index_builder.store import IndexNotFound, IndexStoreError, IndexVersion
 from model.errors import SelavprError
 from model.extractor import FeatureExtractor
+from model.preprocess import MemoryBudget
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,10 @@ class VPRService:
             settings.max_batch_size,
             settings.max_batch_wait_ms / 1e3,
             on_batch=metrics.batch_size.observe,
+            max_queued=settings.max_queued_queries,
+            max_cost=settings.max_candidates_per_request,
         )
+        self.decode_budget = MemoryBudget(settings.decode_memory_bytes)
 
     # --- life cycle ----------------------------------------------------------------------------------
 
@@ -89,15 +93,22 @@ class VPRService:
         """Open the published version and serve it (the previous one closes when its last batch ends)."""
         try:
             version = IndexVersion.open_current(self.settings.index_dir)
-        except (IndexNotFound, IndexStoreError) as exc:
+        except IndexNotFound as exc:  # its message names no path, only what to do
             self.index_problem = str(exc)
+            return
+        except IndexStoreError as exc:  # the full text (with paths) goes to the log only
+            log.error("the published index version cannot be opened: %s", exc)
+            self.index_problem = "the published index version is damaged (see the server log)"
             return
         try:
             localizer = Localizer(version, self.extractor, self.settings.precision)
         except CheckpointMismatch as exc:
             version.close()
-            self.index_problem = f"{exc} (POST /index/rebuild re-encodes it with the served model)"
-            log.error("%s", self.index_problem)
+            log.error("%s", exc)
+            self.index_problem = (
+                "the index was built with another model "
+                "(POST /index/rebuild re-encodes it with the served one)"
+            )
             return
         self.localizer, self.index_problem = localizer, None
         self.metrics.index_images.set(len(version))
@@ -116,6 +127,8 @@ class VPRService:
         """None when ready; otherwise why not."""
         if self.extractor is None:
             return "the model is loading"
+        if not self.batcher.alive:
+            return "the batching worker is restarting"
         if self.localizer is None:
             running = self.rebuilds is not None and self.rebuilds.status.state == "running"
             if running:
@@ -129,12 +142,21 @@ class VPRService:
         """Decode and preprocess an upload (runs in a worker thread, never on the event loop)."""
         if self.extractor is None:
             raise ServiceUnavailable("the model is loading")
-        return prepare_query(self.extractor, data, "upload")
+        return prepare_query(self.extractor, data, "upload", self.decode_budget)
 
-    async def localize(self, query: Query, top_k: int, rerank_k: int) -> LocalizeResult:
+    async def localize(
+        self, query: Query, top_k: int, rerank_k: int, owner: int | None = None
+    ) -> LocalizeResult:
+        """One query through the batcher; `owner` (one per request) takes turns with other requests."""
         if self.localizer is None:
             raise ServiceUnavailable(self.readiness() or "no index")
-        result = await self.batcher.submit(LocalizeJob(query, top_k, rerank_k))
+        try:
+            result = await self.batcher.submit(LocalizeJob(query, top_k, rerank_k), owner, cost=rerank_k)
+        except QueueFull:
+            self.metrics.errors.labels("queue_full").inc()
+            raise ServiceUnavailable(
+                "too many queries waiting; retry later", retry_after_s=self.settings.retry_after_s
+            ) from None
         self.metrics.observe_timings(result.timings_ms.model_dump())
         return result
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -13,6 +15,8 @@ from model.config import FeatureBlock, parse_feature_block
 from model.preprocess import DEFAULT_MAX_PIXELS
 
 MIB = 2**20
+LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
+log = logging.getLogger(__name__)
 
 
 class Settings(BaseSettings):
@@ -43,8 +47,32 @@ class Settings(BaseSettings):
     default_rerank_k: int = Field(DEFAULT_RERANK_K, ge=1)
     max_rerank_k: int = Field(1000, ge=1)
 
-    api_key: str | None = None  # required in X-API-Key by every state-changing /index call when set
+    max_parts_per_request: int = Field(
+        64, ge=1, le=1024, description="multipart fields per request (images, lat, lon, top_k, ...)"
+    )
+    decode_memory_bytes: int = Field(
+        512 * MIB, ge=64 * MIB, description="memory for decoding images, all requests together; more wait"
+    )
+
+    # The cost of /localize: each request's candidates, the queue in front of the model, a deadline.
+    max_candidates_per_request: int = Field(
+        2000, ge=1, description="sum of rerank_k over a request's images (a batch of 16 at 125, one at 1000)"
+    )
+    max_queued_queries: int = Field(
+        64, ge=1, description="queries waiting for the model; beyond it 503 with Retry-After"
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="a /localize request not answered by then gets 503; its work is dropped"
+    )
+    retry_after_s: int = Field(2, ge=1, description="the Retry-After of a 503 for a full queue")
+
+    api_key: str | None = None  # required in X-API-Key by every state-changing /index call
     localize_api_key: str | None = None  # required by /localize when set
+    # Only for a trusted network: admin endpoints without a key on a non-loopback address (logged loudly).
+    insecure_open_admin: bool = False
+    root_path: str = ""  # the path prefix a reverse proxy serves us under (uvicorn's --root-path)
+    max_connections: int = Field(128, ge=1, description="open connections and requests; beyond it 503")
+    keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
     build_on_start: bool = True  # build when the index is empty and references exist
     grace_seconds: float = Field(DEFAULT_GRACE_SECONDS, ge=0)
 
@@ -56,3 +84,41 @@ class Settings(BaseSettings):
     # The web page's map. None: markers and circles on a plain background (works offline).
     tile_url: str | None = None  # e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png
     tile_attribution: str | None = None  # shown on the map; required by most tile providers
+
+    @field_validator("api_key", "localize_api_key")
+    @classmethod
+    def _no_empty_key(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("an empty API key is not allowed; leave the setting unset for no key")
+        return value
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+class ExposureError(ValueError):
+    """The settings would expose the admin endpoints without a key."""
+
+
+def check_exposure(settings: Settings) -> None:
+    """Admin endpoints need a key whenever the server listens beyond loopback, unless explicitly opted out."""
+    if settings.api_key is not None or is_loopback(settings.host):
+        return
+    if settings.insecure_open_admin:
+        log.warning(
+            "SECURITY: the admin endpoints (/index/rebuild, /index/images) are OPEN to anyone who can reach "
+            "%s:%d (SELAVPR_INSECURE_OPEN_ADMIN is set and SELAVPR_API_KEY is not)",
+            settings.host,
+            settings.port,
+        )
+        return
+    raise ExposureError(
+        f"refusing to serve on {settings.host} without an admin key: set SELAVPR_API_KEY (or --api-key), "
+        "bind 127.0.0.1, or set SELAVPR_INSECURE_OPEN_ADMIN=1 on a trusted network"
+    )

@@ -16,7 +16,9 @@ async def read_uploads(uploads: list[UploadFile], settings: Settings) -> list[by
         )
     contents = []
     for upload in uploads:
-        data = await upload.read()
+        # BodySizeLimit refuses a larger part while it streams in; reading at most one byte more here
+        # keeps this bounded whatever is in front of it.
+        data = await upload.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise ApiError(413, "payload_too_large", f"image over {settings.max_upload_bytes:,} bytes")
         contents.append(data)

@@ -131,7 +131,8 @@ def build_index(
 
         progress.phase = "scanning"
         notify(progress)
-        images = scan_references(config.references)
+        unusable: list[tuple[str, str]] = []
+        images = scan_references(config.references, unusable)
         csv_entries, location_problems = read_location_csvs(config.references)
         hashes = _hash_all(images, previous_records, progress, notify)
 
@@ -140,7 +141,9 @@ def build_index(
         )
         reused_hashes = set(available)
         encode_started = time.monotonic()
-        skipped = _encode_missing(config, extractor, identity, images, hashes, available, progress, notify)
+        skipped = unusable + _encode_missing(
+            config, extractor, identity, images, hashes, available, progress, notify
+        )
         encode_seconds = time.monotonic() - encode_started
 
         progress.phase = "publishing"

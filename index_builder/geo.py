@@ -14,6 +14,7 @@ F = 1 / 298.257223563  # WGS84 flattening
 K0 = 0.9996  # UTM central scale factor
 FALSE_EASTING = 500_000.0
 FALSE_NORTHING_SOUTH = 10_000_000.0
+UTM_MIN_LAT, UTM_MAX_LAT = -80.0, 84.0  # UTM's latitude range (beyond: polar UPS, not supported)
 BANDS = "CDEFGHJKLMNPQRSTUVWX"  # 8 degrees each from 80 S; X spans 72..84 N
 
 _N = F / (2 - F)
@@ -58,7 +59,7 @@ def latitude_band(lat: float) -> str:
 
 def to_utm(lat: float, lon: float, zone: int | None = None) -> UTM:
     """Latitude/longitude in degrees to UTM (in `zone` if given, else the standard zone)."""
-    if not (-80 <= lat <= 84) or not (-180 <= lon <= 180):
+    if not (UTM_MIN_LAT <= lat <= UTM_MAX_LAT) or not (-180 <= lon <= 180):
         raise ValueError(f"({lat}, {lon}) is outside UTM's range (80 S to 84 N)")
     zone = zone or utm_zone(lat, lon)
     phi, lam = math.radians(lat), math.radians(lon - (zone * 6 - 183))

@@ -25,7 +25,7 @@ from index_builder.store import ImageRecord, IndexVersion
 from model.extractor import FeatureExtractor, resolve_device
 from model.loading import load_model
 from model.matching import mnn_scores, rerank_order
-from model.preprocess import ImageSource, open_rgb
+from model.preprocess import ImageSource, MemoryBudget
 
 
 @dataclass
@@ -36,11 +36,15 @@ class Query:
     decode_s: float
 
 
-def prepare_query(extractor: FeatureExtractor, source: ImageSource, name: str | None = None) -> Query:
+def prepare_query(
+    extractor: FeatureExtractor,
+    source: ImageSource,
+    name: str | None = None,
+    budget: MemoryBudget | None = None,
+) -> Query:
     """Decode and preprocess one query image (CPU work, no model): ImageDecodeError if it cannot."""
     start = time.perf_counter()
-    prep = extractor.preprocessing
-    tensor = prep.transform(open_rgb(source, prep.exif_transpose, prep.max_pixels, name))
+    tensor = extractor.preprocessing.load(source, name, budget)
     return Query(tensor, time.perf_counter() - start)
 
 

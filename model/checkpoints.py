@@ -127,15 +127,71 @@ class LoadedModel:
 # --- reading files ------------------------------------------------------------------------------------
 
 
+NUMERIC_KINDS = frozenset("biufc")  # bool, signed, unsigned, float, complex
+
+
+def _numeric_dtype(spec: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    """`numpy.dtype` as the unpickler may call it: a plain numeric dtype only. Structured, object, void
+    and string dtypes are refused: with forged flags they read raw pickle bytes as object pointers."""
+    if not isinstance(spec, str) or len(spec) > 8:
+        raise pickle.UnpicklingError(f"numpy.dtype({spec!r}) is not a plain numeric dtype")
+    try:
+        dtype = np.dtype(spec)
+    except TypeError:
+        raise pickle.UnpicklingError(f"numpy.dtype({spec!r}) is not a dtype") from None
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(
+            f"numpy.dtype({spec!r}) (kind {dtype.kind!r}) is not a plain numeric dtype; "
+            "structured, object, void and string dtypes are refused"
+        )
+    return dtype
+
+
+def _numeric_dtype_classes() -> list[type]:
+    """numpy.dtypes.Float32DType and the like: the types the unpickler may BUILD (set the state of)."""
+    classes = []
+    for name in dir(np.dtypes):
+        cls = getattr(np.dtypes, name)
+        scalar = getattr(cls, "type", None)
+        is_scalar_type = isinstance(scalar, type) and issubclass(scalar, np.generic)
+        if name.endswith("DType") and is_scalar_type and np.dtype(scalar).kind in NUMERIC_KINDS:
+            classes.append(cls)
+    return classes
+
+
 def _numpy_allow_list() -> list[Any]:
     """The numpy globals the authors' checkpoints pickle (a `recalls` array, numpy scalars), under the
-    module names of numpy 1.x (`numpy.core`) and 2.x (`numpy._core`). Nothing else may be unpickled."""
+    module names of numpy 1.x (`numpy.core`) and 2.x (`numpy._core`). Nothing else may be unpickled;
+    dtypes only numeric ones (`_numeric_dtype`, and `_check_numeric` on the result)."""
     core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed: list[Any] = [np.ndarray, np.dtype]
+    allowed: list[Any] = [np.ndarray, (_numeric_dtype, "numpy.dtype")]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed += [(core._reconstruct, f"{module}._reconstruct"), (core.scalar, f"{module}.scalar")]
-    allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
-    return allowed
+    return allowed + _numeric_dtype_classes()
+
+
+def _unpickler_reason(exc: pickle.UnpicklingError) -> str:
+    """What the unpickler refused, without torch's advice around it (to re-run without weights_only)."""
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def _check_numeric(value: Any, where: str = "checkpoint") -> None:
+    """Every numpy array or scalar in what was loaded has a plain numeric dtype (a second line behind
+    `_numeric_dtype`: a dtype's state could still be forged after it was made)."""
+    if isinstance(value, np.ndarray | np.generic):
+        dtype = value.dtype
+        if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.hasobject:
+            raise pickle.UnpicklingError(f"{where}: a numpy value of dtype {dtype!r} is not plain numeric")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_numeric(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_numeric(item, f"{where}[{i}]")
 
 
 def _allowed_names(allowed: list[Any]) -> set[str]:
@@ -167,9 +223,11 @@ def safe_torch_load(path: Path) -> Any:
             )
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        _check_numeric(loaded)
+        return loaded
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+        first = _unpickler_reason(exc)
         raise CheckpointError(
             f"{path}: refused to load: not a weights-only pickle ({first}); only tensors, containers "
             "and numpy arrays/scalars are allowed"

@@ -7,11 +7,12 @@ import os
 import re
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.checkpoints import CheckpointFormat, save_checkpoint
+from model.checkpoints import CheckpointFormat, safe_torch_load, save_checkpoint
 from model.config import LocalMode
 from model.errors import CheckpointError
 from model.loading import load_model
@@ -78,6 +79,42 @@ def test_malicious_pickle_is_refused_without_running_it(tmp_path, legacy):
         load_model(path)
     assert str(path) in str(err.value)
     assert not marker.exists()
+
+
+class ForgedObjectDtype:
+    """Pickles as numpy.dtype('V8') whose state claims an object field with the object flags cleared:
+    an array of it would read raw pickle bytes back as object pointers."""
+
+    def __reduce__(self):
+        return (np.dtype, ("V8", False, True), (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0))
+
+
+class ForgedArray:
+    def __reduce__(self):
+        core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+        state = (1, (1,), ForgedObjectDtype(), False, (0x4141414141414141).to_bytes(8, "little"))
+        return (core._reconstruct, (np.ndarray, (0,), b"b"), state)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_forged_structured_dtype_is_refused_naming_it(tmp_path, legacy):
+    path = tmp_path / "forged.pth"
+    torch.save(
+        {"model_state_dict": tiny_model().state_dict(), "recalls": ForgedArray()},
+        path,
+        _use_new_zipfile_serialization=not legacy,
+    )
+    with pytest.raises(CheckpointError, match="refused to load") as err:
+        load_model(path)
+    assert "numpy.dtype('V8')" in str(err.value) and "not a plain numeric dtype" in str(err.value)
+
+
+def test_numeric_numpy_values_still_load(tmp_path):
+    path = tmp_path / "recalls.pth"
+    recalls = np.array([0.5, 0.75], dtype=np.float64)
+    torch.save({"model_state_dict": tiny_model().state_dict(), "recalls": recalls, "n": np.int64(3)}, path)
+    loaded = safe_torch_load(path)
+    assert np.array_equal(loaded["recalls"], recalls) and loaded["n"] == 3
 
 
 def test_dinov2_backbone_file_runs_as_plain_dinov2(tmp_path):

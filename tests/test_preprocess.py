@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,8 +12,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model import preprocess
 from model.errors import ImageDecodeError
-from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, ResizeMode, open_rgb, to_rgb
+from model.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MemoryBudget,
+    Preprocessing,
+    ResizeMode,
+    normalize,
+    open_rgb,
+    resize_tensor,
+    to_rgb,
+    to_tensor,
+)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -125,5 +139,55 @@ def test_not_an_image_and_missing_file(tmp_path):
 
 def test_pixel_limit_refuses_before_decoding():
     data = encoded(Image.new("L", (4000, 3000)), "PNG")  # small file, 12 megapixels
-    with pytest.raises(ImageDecodeError, match="exceeds the limit"):
+    with pytest.raises(ImageDecodeError, match="reaches the limit"):
         open_rgb(data, max_pixels=10_000_000)
+
+
+def test_pixel_limit_is_inclusive():
+    data = encoded(Image.new("L", (100, 100)), "PNG")
+    with pytest.raises(ImageDecodeError, match="reaches the limit of 10,000"):
+        open_rgb(data, max_pixels=10_000)
+    assert open_rgb(data, max_pixels=10_001).size == (100, 100)
+
+
+@pytest.mark.parametrize("size", [(3264, 2448), (2049, 1953), (4001, 1000), (1000, 4001), (5, 900_001)])
+def test_large_images_resize_exactly_without_full_size_copies(size, monkeypatch):
+    """Above GATHER_ABOVE_PIXELS the test path gathers the pixels it reads: the same tensor, bit for bit."""
+    width, height = size
+    generator = np.random.default_rng(width)
+    image = Image.fromarray(generator.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    expected = F.interpolate(
+        ((to_tensor(image) - MEAN) / STD)[None], size=(224, 224), mode="bilinear", antialias=False
+    )[0]
+    assert width * height > preprocess.GATHER_ABOVE_PIXELS or size == (3264, 2448)
+    monkeypatch.setattr(preprocess, "GATHER_ABOVE_PIXELS", 0)  # the tokyo-sized photo too
+    assert torch.equal(Preprocessing().transform(image), expected)
+    assert torch.equal(
+        Preprocessing(image_size=(280, 420)).transform(image),
+        resize_tensor(normalize(to_tensor(image)), (280, 420)),
+    )
+
+
+def test_real_photo_through_the_gather_path_is_identical(shared_data, monkeypatch):
+    path = shared_data / "tokyo_pair" / "tokyo_query.jpg"
+    today = Preprocessing().load(path)
+    monkeypatch.setattr(preprocess, "GATHER_ABOVE_PIXELS", 0)
+    assert torch.equal(Preprocessing().load(path), today)
+
+
+def test_memory_budget_lets_images_wait_their_turn():
+    budget = MemoryBudget(100)
+    order = []
+
+    def hold(name: str, cost: int, seconds: float) -> None:
+        with budget.reserve(cost):
+            order.append(f"{name}+")
+            time.sleep(seconds)
+            order.append(f"{name}-")
+
+    first = threading.Thread(target=hold, args=("a", 80, 0.2))
+    first.start()
+    time.sleep(0.05)
+    hold("b", 1000, 0)  # over the whole budget: runs alone, after a
+    first.join()
+    assert order == ["a+", "a-", "b+", "b-"] and budget.in_use == 0

@@ -212,8 +212,10 @@ async def test_rebuild_under_load_switches_versions_atomically(workspace, tiny_c
     async with running(settings_for(refs, index, tiny_ckpt)) as (_, client):
         first = await client.post("/index/rebuild")
         second = await client.post("/index/rebuild")
-        assert first.status_code == second.status_code == 202
-        assert first.json()["job_id"] == second.json()["job_id"]  # the second joined the first
+        third = await client.post("/index/rebuild")
+        assert first.status_code == second.status_code == third.status_code == 202
+        assert (first.json()["state"], second.json()["state"]) == ("running", "queued")
+        assert second.json()["job_id"] == third.json()["job_id"] != first.json()["job_id"]
         versions, errors = set(), 0
         while True:
             responses = await asyncio.gather(
@@ -225,10 +227,12 @@ async def test_rebuild_under_load_switches_versions_atomically(workspace, tiny_c
             if status["state"] != "running":
                 break
         assert errors == 0 and status["state"] == "idle" and status["last_error"] is None
-        assert status["index_version"] == "v000002" and status["num_images"] == 49
+        assert not status["queued"] and status["num_images"] == 49
+        served = status["index_version"]
+        assert served in ("v000002", "v000003")  # the queued run found nothing new to encode
         after = await client.post("/localize", files=files(query))
-        assert after.json()["index_version"] == "v000002"
-        assert versions <= {"v000001", "v000002"}
+        assert after.json()["index_version"] == served
+        assert versions <= {"v000001", "v000002", "v000003"}
 
 
 async def test_upload_references_under_server_chosen_names(workspace, tiny_ckpt):
@@ -319,7 +323,9 @@ async def test_index_of_another_model_is_not_served_until_rebuilt(workspace, tmp
     async with running(settings_for(refs, index, other)) as (_, client):
         # not served; the service re-encodes the references with its own model at start-up
         ready = await client.get("/readyz")
-        assert ready.status_code == 503 and "built with checkpoint" in ready.json()["error"]["message"]
-        assert (await client.post("/index/rebuild")).status_code == 202  # joins the running build
-        assert (await wait_idle(client))["last_report"]["encoded"] == 9
+        assert ready.status_code == 503 and "built with another model" in ready.json()["error"]["message"]
+        queued = await client.post("/index/rebuild")  # runs once more after the start-up build
+        assert queued.status_code == 202 and queued.json()["state"] == "queued"
+        report = (await wait_idle(client))["last_report"]
+        assert report["encoded"] + report["reused"] == 9
         assert (await client.get("/readyz")).status_code == 200

@@ -25,6 +25,8 @@ FLAGS = {
     "--localize-api-key": ("localize_api_key", str),
     "--tile-url": ("tile_url", str),
     "--tile-attribution": ("tile_attribution", str),
+    "--root-path": ("root_path", str),
+    "--max-connections": ("max_connections", positive_int),
 }
 
 
@@ -33,29 +35,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag, (field, kind) in FLAGS.items():
         parser.add_argument(flag, dest=field, type=kind, default=None, help=f"SELAVPR_{field.upper()}")
     parser.add_argument("--no-build-on-start", dest="build_on_start", action="store_false", default=None)
+    parser.add_argument(
+        "--insecure-open-admin",
+        dest="insecure_open_admin",
+        action="store_true",
+        default=None,
+        help="serve the admin endpoints without a key beyond loopback (trusted networks only)",
+    )
     parser.add_argument("--log-level", default="info")
     parser.set_defaults(run=run)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Flags given on the command line override the environment."""
-    fields = [f for f, _ in FLAGS.values()] + ["build_on_start"]
+    fields = [f for f, _ in FLAGS.values()] + ["build_on_start", "insecure_open_admin"]
     return Settings(**{f: getattr(args, f) for f in fields if getattr(args, f, None) is not None})
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.heap import limit_arenas
+    from app.heap import limit_arenas, return_large_blocks
     from app.main import create_app
+    from app.settings import check_exposure
     from model.loading import resolve_checkpoint
     from model.registry import is_registered
 
     limit_arenas()
+    return_large_blocks()
     settings = settings_from(args)
+    check_exposure(settings)  # before touching the disk
     if is_registered(settings.checkpoint):  # download before the server starts: an error exits 2 here
         resolve_checkpoint(settings.checkpoint)
     settings.index_dir.mkdir(parents=True, exist_ok=True)
     settings.references.mkdir(parents=True, exist_ok=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        root_path=settings.root_path,
+        limit_concurrency=settings.max_connections,  # beyond it uvicorn answers 503 at once
+        timeout_keep_alive=settings.keep_alive_s,
+    )
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.dependencies import get_service
@@ -12,15 +12,17 @@ from app.service import VPRService
 router = APIRouter(tags=["health"])
 
 
+# async: answered on the event loop, never queued behind decodes in the worker-thread pool.
 @router.get("/healthz")
-def healthz() -> dict:
+async def healthz() -> dict:
     """The process answers."""
     return {"status": "alive"}
 
 
 @router.get("/readyz")
-def readyz(service: VPRService = Depends(get_service)):
+async def readyz(request: Request):
     """Model and an index loaded; 503 with the reason otherwise."""
+    service: VPRService = get_service(request)  # called directly: a sync dependency would use the pool
     reason = service.readiness()
     if reason:
         return error_response(503, "not_ready", reason)

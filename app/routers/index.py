@@ -7,11 +7,12 @@ from starlette.concurrency import run_in_threadpool
 
 from app.dependencies import get_service, get_settings, require_admin_key
 from app.errors import ApiError
-from app.references import check_reference, display_name, write_reference
+from app.references import check_reference, display_name, write_references
 from app.schemas import ErrorResponse, IndexStatusResponse, RebuildJob, UploadResponse
 from app.service import VPRService
 from app.settings import Settings
 from app.uploads import read_uploads
+from index_builder.geo import UTM_MAX_LAT, UTM_MIN_LAT
 
 router = APIRouter(prefix="/index", tags=["index"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
@@ -20,8 +21,8 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 5
 def _job(service: VPRService) -> dict:
     if service.rebuilds is None:
         raise ApiError(503, "unavailable", "the model is loading")
-    status = service.rebuilds.request()
-    return {"job_id": status.job_id, "state": status.state}
+    job_id, state = service.rebuilds.request()
+    return {"job_id": job_id, "state": state}
 
 
 @router.post(
@@ -32,7 +33,7 @@ def _job(service: VPRService) -> dict:
     dependencies=[Depends(require_admin_key)],
 )
 def rebuild(service: VPRService = Depends(get_service)) -> dict:
-    """Start a rebuild from the references folder; a request while one runs joins it."""
+    """Start a rebuild from the references folder; a request while one runs queues one more run."""
     return _job(service)
 
 
@@ -42,6 +43,7 @@ def status(service: VPRService = Depends(get_service)) -> dict:
     localizer = service.localizer
     return {
         "state": rebuilds.state if rebuilds else "idle",
+        "queued": bool(rebuilds and rebuilds.queued_job_id),
         "progress": rebuilds.progress.to_dict() if rebuilds and rebuilds.progress else None,
         "index_version": localizer.index.name if localizer else None,
         "num_images": len(localizer.index) if localizer else 0,
@@ -72,10 +74,11 @@ async def upload_images(
     for data in await read_uploads(image, settings):  # everything is checked before anything is written
         payloads.append((data, await run_in_threadpool(check_reference, data, settings.max_pixels)))
     names = [display_name(upload.filename) for upload in image]
-    stored = [
-        await run_in_threadpool(write_reference, settings.references, data, suffix, location, name)
+    batch = [
+        (data, suffix, location, name)
         for (data, suffix), location, name in zip(payloads, locations, names, strict=True)
     ]
+    stored = await run_in_threadpool(write_references, settings.references, batch)  # all or nothing
     return {"stored": stored, "rebuild": _job(service) if rebuild else None}
 
 
@@ -87,6 +90,13 @@ def _locations(
     if lat is None:
         return [None] * count
     for pair in zip(lat, lon, strict=True):
-        if not (-90 <= pair[0] <= 90 and -180 <= pair[1] <= 180):
-            raise ApiError(422, "validation_error", f"lat/lon {pair} out of range")
+        # UTM (what the index measures distances in) covers 80 S to 84 N; beyond, refuse now rather
+        # than drop the location at build time.
+        if not (UTM_MIN_LAT <= pair[0] <= UTM_MAX_LAT and -180 <= pair[1] <= 180):
+            raise ApiError(
+                422,
+                "validation_error",
+                f"lat/lon {pair} out of range (latitude {UTM_MIN_LAT}..{UTM_MAX_LAT}, UTM's range; "
+                "longitude -180..180)",
+            )
     return list(zip(lat, lon, strict=True))
