@@ -61,7 +61,12 @@ class VPRService:
     def _load(self) -> None:
         s = self.settings
         self.extractor = FeatureExtractor.from_checkpoint(
-            s.checkpoint, s.device, image_size=s.image_size, local_mode=s.local_mode, max_pixels=s.max_pixels
+            s.checkpoint,
+            s.device,
+            image_size=s.image_size,
+            local_mode=s.local_mode,
+            max_pixels=s.max_pixels,
+            model_dtype=s.model_dtype,
         )
         log.info("serving %s on %s", self.extractor.info.description, self.extractor.device)
         self.rebuilds = RebuildManager(

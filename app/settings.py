@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     image_size: int | None = None  # None: the checkpoint's (224 for the released ones)
     local_mode: str | None = None
+    model_dtype: str = "float32"  # the model forward: float32, bfloat16 or float16 (autocast)
     precision: str | None = None  # MNN precision; None: the device's default
 
     max_batch_size: int = Field(8, ge=1, le=256, description="queries per model forward")

@@ -67,6 +67,7 @@ class BuildConfig:
     device: str | None = None
     image_size: int | None = None
     local_mode: str | None = None
+    model_dtype: str = "float32"
     full: bool = False  # re-encode everything
     batch_size: int | None = None  # None: 16 on CPU, 64 on GPU
     shard_size: int = 256  # images per shard file set (~120 MB at 61x61x128)
@@ -134,7 +135,11 @@ def build_index(
     with BuildLock(index_dir):
         remove_unfinished(index_dir)
         extractor = extractor or FeatureExtractor.from_checkpoint(
-            config.checkpoint, config.device, image_size=config.image_size, local_mode=config.local_mode
+            config.checkpoint,
+            config.device,
+            image_size=config.image_size,
+            local_mode=config.local_mode,
+            model_dtype=config.model_dtype,
         )
         identity = encoding_identity(extractor, config.local_dtype)
         previous = _open_previous(index_dir)
@@ -216,6 +221,7 @@ def encoding_identity(extractor: FeatureExtractor, local_dtype: str) -> Encoding
         local_dtype=local_dtype,
         global_dim=global_dim,
         local_shape=local_shape,
+        model_dtype=str(extractor.model_dtype),
     )
 
 

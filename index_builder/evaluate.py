@@ -48,6 +48,7 @@ class EvalConfig:
     batch_size: int = 16
     precision: str | None = "float32"  # exact MNN counts on the stored features
     local_dtype: str = "int8"
+    model_dtype: str = "float32"
     grace_seconds: float = 600.0  # for the cached database index's superseded versions
 
 
@@ -97,7 +98,9 @@ def evaluate(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     split = VPRSplit.load(config.dataset, config.split, config.queries_list)
-    extractor = extractor or FeatureExtractor.from_checkpoint(config.checkpoint, config.device)
+    extractor = extractor or FeatureExtractor.from_checkpoint(
+        config.checkpoint, config.device, model_dtype=config.model_dtype
+    )
     index_dir = config.index_dir or default_eval_index_dir(split)
     build_index(
         BuildConfig(

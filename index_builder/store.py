@@ -75,6 +75,7 @@ class EncodingIdentity:
     local_dtype: str
     global_dim: int
     local_shape: tuple[int, int, int]
+    model_dtype: str = "float32"  # the forward's dtype; manifests from before it was recorded: float32
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

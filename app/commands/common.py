@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from model.config import LocalMode
+from model.dtype import ModelDtype
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -28,11 +29,22 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="local features: the trained 61x61x128 head, or the training-free patch tokens "
         "(default: the head when the checkpoint has a trained one)",
     )
+    add_model_dtype_option(parser)
     parser.add_argument(
         "--no-exif-transpose",
         dest="exif_transpose",
         action="store_false",
         help="ignore EXIF orientation, as the authors' code does",
+    )
+
+
+def add_model_dtype_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-dtype",
+        choices=[d.value for d in ModelDtype],
+        default="float32",
+        help="the model forward's dtype: bfloat16 / float16 through autocast (GPU; CPUs with bfloat16 "
+        "hardware); an index remembers it (default: %(default)s)",
     )
 
 
@@ -43,6 +55,7 @@ def extractor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "image_size": args.image_size,
         "local_mode": args.local_mode,
         "exif_transpose": args.exif_transpose,
+        "model_dtype": args.model_dtype,
     }
 
 

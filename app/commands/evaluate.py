@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from app.commands.common import positive_int
+from app.commands.common import add_model_dtype_option, positive_int
 from index_builder.evaluate import DEFAULT_RECALLS, EvalConfig, EvalReport, evaluate, plot_recalls
 from index_builder.store import LOCAL_DTYPES
 
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test")
     parser.add_argument("--checkpoint", default="default")
     parser.add_argument("--device", default="auto")
+    add_model_dtype_option(parser)
     parser.add_argument("--rerank-k", type=positive_int, default=100)
     parser.add_argument(
         "--recalls", default=",".join(map(str, DEFAULT_RECALLS)), help="N values, comma-separated"
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         precision=args.precision,
         local_dtype=args.local_dtype,
+        model_dtype=args.model_dtype,
     )
     report = evaluate(config)
     print(table(report))
