@@ -176,14 +176,19 @@ def real_maps(shared: Path, device: torch.device) -> tuple[dict[str, torch.Tenso
     return maps, places
 
 
-def bench_real(shared: Path, precisions: list[str], device: torch.device, scenes: list[str]) -> list[dict]:
-    """Each image a query against the others ("match": its place's other views among them) or against
-    the other places only ("no_match"): agreement with float32 and the total time over all queries."""
+def bench_real(
+    shared: Path, precisions: list[str], device: torch.device, scenes: list[str], query_count: int | None
+) -> list[dict]:
+    """Each image (or `query_count` of them, evenly spread) a query against the others ("match": its
+    place's other views among them) or against the other places only ("no_match"): agreement with
+    float32 and the total time over all queries."""
     rows = []
     all_maps, places = real_maps(shared, device)
+    n = len(places)
+    picked = sorted({round(i * n / query_count) for i in range(query_count)}) if query_count else range(n)
     for (mode, maps), scene in itertools.product(all_maps.items(), scenes):
         queries = []
-        for i in range(maps.shape[0]):
+        for i in picked:
             keep = [j for j in range(maps.shape[0]) if j != i and (SCENES[scene] or places[j] != places[i])]
             queries.append((maps[i], maps[keep]))
         exact = [mnn_scores(q, c, "float32") for q, c in queries]
@@ -236,6 +241,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument(
         "--shared-data", type=Path, default=DEFAULT_SHARED, help="real images (skipped if absent)"
     )
+    parser.add_argument("--real-queries", type=int, help="real maps: this many queries (default: all 32)")
     parser.add_argument("--no-real", dest="real", action="store_false", help="synthetic maps only")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     return parser
@@ -256,7 +262,8 @@ def run(args: argparse.Namespace) -> dict:
         _names(args.scenes, SCENES),
     )
     if args.real and (args.shared_data / "matching_triplets").is_dir():
-        report["real"] = bench_real(args.shared_data, precisions, device, _names(args.scenes, SCENES))
+        scenes = _names(args.scenes, SCENES)
+        report["real"] = bench_real(args.shared_data, precisions, device, scenes, args.real_queries)
     emit(report, args.out)
     return report
 
