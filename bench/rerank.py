@@ -141,6 +141,46 @@ def bench_case(
     return rows
 
 
+def gemm_floors(device: torch.device, k: int = 100, side: int = 61, channels: int = 128) -> dict:
+    """The similarity products alone, per query at K candidates, from each GEMM's rate on one tile of
+    the engine's size (output reused): the floor each precision's engine time is measured against."""
+    from model.matching.engine import DEFAULT_TILE_ELEMENTS
+    from model.matching.kernels import similarity_kernel
+    from model.matching.precision import Precision
+
+    positions = side * side
+    rows = DEFAULT_TILE_ELEMENTS.get(device.type, DEFAULT_TILE_ELEMENTS["cuda"]) // positions
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(positions, channels, generator=gen).to(device)
+    tile = torch.randn(1, rows, channels, generator=gen).to(device)
+    kernels = {
+        "float32": (similarity_kernel(query, Precision.FLOAT32), tile),
+        "bfloat16": (similarity_kernel(query.bfloat16(), Precision.BFLOAT16), tile.bfloat16()),
+        "int8": (similarity_kernel(query.to(torch.int8), Precision.INT8), tile.to(torch.int8)),
+    }
+    floors = {}
+    for name, (kernel, operand) in kernels.items():
+        seconds = _best_of(lambda kernel=kernel, operand=operand: kernel(operand), device)
+        rate = 2 * rows * positions * channels / seconds
+        floors[name] = {
+            "gemm_gops": rate / 1e9,
+            "products_s_per_query": 2 * k * positions**2 * channels / rate,
+        }
+    return {"K": k, "map": [side, side, channels], "tile_rows": rows, **floors}
+
+
+def _best_of(fn: Callable[[], object], device: torch.device, rounds: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _engine_precision(name: str, device: torch.device) -> str:
     """ "default" is what mnn_scores picks with precision=None on this device."""
     return str(default_precision(device)) if name == "default" else name
@@ -242,6 +282,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--shared-data", type=Path, default=DEFAULT_SHARED, help="real images (skipped if absent)"
     )
     parser.add_argument("--real-queries", type=int, help="real maps: this many queries (default: all 32)")
+    parser.add_argument("--floors-only", action="store_true", help="only the GEMM floors")
     parser.add_argument("--no-real", dest="real", action="store_false", help="synthetic maps only")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     return parser
@@ -253,6 +294,10 @@ def run(args: argparse.Namespace) -> dict:
     report = {"machine": machine(device)}
     report["default_precision"] = str(default_precision(device))
     report["int8_route"] = int8_route(device)
+    report["floors"] = gemm_floors(device)
+    if args.floors_only:
+        emit(report, args.out)
+        return report
     report["synthetic"] = bench_synthetic(
         [int(k) for k in args.k.split(",")],
         precisions,

@@ -9,9 +9,9 @@
   count comes within the error allowance of the best ones, within a budget (refine.py), so the top of
   the re-ranked list is what float32 gives at close to int8 cost whenever a candidate stands out.
 
-The default (`default_precision`) is int8+float32 where the device has fast int8 products (GPU, CPUs
-with VNNI / AMX) and float32 elsewhere: without int8 hardware int8 runs through the same float32 GEMM
-and saves too little to pay for any recount.
+The default (`default_precision`) is int8+float32 where int8 products run at least twice as fast as
+float32 ones (GPU; CPUs with VNNI / AMX, timed once per process) and float32 elsewhere: without int8
+hardware int8 runs through the same float32 GEMM and saves too little to pay for any recount.
 """
 
 from __future__ import annotations
@@ -49,11 +49,17 @@ def int8_count_error(counts: torch.Tensor) -> torch.Tensor:
     return INT8_ERROR_SIGMAS * torch.sqrt(counts.double() + 1)
 
 
-def default_precision(device: torch.device) -> Precision:
-    """int8+float32 where int8 products run on int8 hardware, else exact float32 (module docstring)."""
-    from model.matching.kernels import int8_route  # kernels builds on this module
+# int8+float32 becomes the default only where int8 products run at least this many times faster than
+# float32 ones: then one int8 pass plus K/4 float32 recounts (refine.py) stays below float32 alone.
+INT8_DEFAULT_MIN_SPEEDUP = 2.0
 
-    return Precision.INT8_FLOAT32 if int8_route(device) == "int" else Precision.FLOAT32
+
+def default_precision(device: torch.device) -> Precision:
+    """int8+float32 where int8 products have hardware that makes them fast enough, else exact float32."""
+    from model.matching.kernels import int8_gemm_speedup  # kernels builds on this module
+
+    fast_int8 = int8_gemm_speedup(device) >= INT8_DEFAULT_MIN_SPEEDUP
+    return Precision.INT8_FLOAT32 if fast_int8 else Precision.FLOAT32
 
 
 def resolve_precision(precision: str | Precision | None, device: torch.device) -> Precision:
