@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from model.matching.kernels import similarity_kernel
+from model.matching.kernels import SimilarityKernel, similarity_kernel
 from model.matching.maps import CandidateMaps
 from model.matching.precision import FLOAT_DTYPES, Precision, index_bits, quantize_int8
 from model.matching.reducers import BucketFloatReducer, FloatReducer, PackedIntReducer
 
-# Similarity elements per tile: 8 MiB on CPU (a sweep on the project machine: 2, 4 and 8 MiB within
-# noise, 8 the steadiest); GPUs want big tiles.
+# Similarity elements per tile: 8 MiB on CPU (sweeps on the project machine: 2-8 MiB within noise with
+# the old reducers; with the packed-key reducers 0.25-2 MiB tiles ran 2-10x slower on the busy 2-core
+# machine, per-call overhead outweighing cache residency); GPUs want big tiles.
 DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
 
 
@@ -55,12 +56,7 @@ def best_matches(
     budget = tile_elements or DEFAULT_TILE_ELEMENTS.get(device.type, DEFAULT_TILE_ELEMENTS["cuda"])
     k_step, r_step = tile_shape(k_total, l_c, l_q, budget)
     kernel = similarity_kernel(_prepare(query.to(device)[None], precision, bits)[0], precision)
-    if precision is Precision.INT8:
-        reducer = PackedIntReducer(l_q, r_step, bits, device, kernel.int_offset)
-    elif device.type == "cpu":
-        reducer = BucketFloatReducer(l_q, r_step, bits, device)
-    else:
-        reducer = FloatReducer(l_q, device)
+    reducer = _reducer(precision, kernel, l_q, r_step, bits, device)
     best_c_of_q = torch.empty(k_total, l_q, dtype=torch.int64, device=device)
     best_q_of_c = torch.empty(k_total, l_c, dtype=torch.int64, device=device)
     for k0 in range(0, k_total, k_step):
@@ -71,6 +67,17 @@ def best_matches(
             reducer.update(kernel(chunk[:, i0 : i0 + r_step]), i0)
         best_c_of_q[k0 : k0 + chunk.shape[0]], best_q_of_c[k0 : k0 + chunk.shape[0]] = reducer.finish()
     return BestMatches(best_c_of_q, best_q_of_c)
+
+
+def _reducer(
+    precision: Precision, kernel: SimilarityKernel, l_q: int, r_step: int, bits: int, device: torch.device
+) -> PackedIntReducer | BucketFloatReducer | FloatReducer:
+    """Packed int keys for int8; packed bucket keys for float on CPU; torch's argmax on GPUs, fast there."""
+    if precision is Precision.INT8:
+        return PackedIntReducer(l_q, r_step, bits, device, kernel.int_offset)
+    if device.type == "cpu":
+        return BucketFloatReducer(l_q, r_step, bits, device)
+    return FloatReducer(l_q, device)
 
 
 def tile_shape(k: int, l_c: int, l_q: int, tile_elements: int) -> tuple[int, int]:
