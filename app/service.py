@@ -73,6 +73,7 @@ class VPRService:
             local_mode=s.local_mode,
             feature_block=s.feature_block,
             max_pixels=s.max_pixels,
+            model_dtype=s.model_dtype,
         )
         log.info("serving %s on %s", self.extractor.info.description, self.extractor.device)
         self.rebuilds = RebuildManager(

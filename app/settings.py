@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     local_mode: str | None = None
     # a block index or "final"; None: the checkpoint's default (README "Training-free descriptors")
     feature_block: FeatureBlock | None = None
+    model_dtype: str = "float32"  # the model forward: float32, bfloat16 or float16 (autocast)
     precision: str | None = None  # MNN precision; None: the device's default
 
     max_batch_size: int = Field(8, ge=1, le=256, description="queries per model forward")

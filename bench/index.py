@@ -70,16 +70,25 @@ def variant_images(shared: Path, out: Path, copies: int) -> list[Path]:
     return made
 
 
-def bench_throughput(shared: Path, copies: int, batch_size: int, checkpoint: str) -> dict:
+def bench_throughput(
+    shared: Path,
+    copies: int,
+    batch_size: int,
+    checkpoint: str,
+    device: str = "cpu",
+    model_dtype: str = "float32",
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         images = variant_images(shared, tmp / "refs", copies)
-        extractor = FeatureExtractor.from_checkpoint(checkpoint, "cpu")
+        extractor = FeatureExtractor.from_checkpoint(checkpoint, device, model_dtype=model_dtype)
         tensors = [extractor.preprocessing.load(p) for p in images]
         extractor.extract_tensors(torch.stack(tensors[:batch_size]))  # warm-up
         start = time.perf_counter()
         for b in range(0, len(tensors), batch_size):
             extractor.extract_tensors(torch.stack(tensors[b : b + batch_size]))
+        if extractor.device.type == "cuda":
+            torch.cuda.synchronize(extractor.device)  # the forwards above only queued work
         raw_seconds = time.perf_counter() - start
         del tensors
         config = BuildConfig(references=tmp / "refs", index_dir=tmp / "index", batch_size=batch_size)
@@ -88,6 +97,8 @@ def bench_throughput(shared: Path, copies: int, batch_size: int, checkpoint: str
     return {
         "images": n,
         "batch_size": batch_size,
+        "device": str(extractor.device),
+        "model_dtype": str(extractor.model_dtype),
         "checkpoint": extractor.info.description,
         "raw_model_images_per_s": n / raw_seconds,
         "build_images_per_s": n / report.seconds,
@@ -315,6 +326,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--copies", type=int, default=4, help="throughput: variants of each shared image")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--checkpoint", default="default", help="throughput: the model to build with")
+    parser.add_argument("--device", default="cpu", help="throughput: where the model runs")
+    parser.add_argument("--model-dtype", default="float32", help="throughput: the forward's dtype")
     parser.add_argument("--memory-images", type=int, default=20_000)
     parser.add_argument("--work-dir", type=Path, help="scratch space (default: a temporary directory)")
     parser.add_argument("--out", type=Path)
@@ -331,7 +344,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         if "throughput" in parts:
             report["throughput"] = bench_throughput(
-                args.shared_data, args.copies, args.batch_size, args.checkpoint
+                args.shared_data, args.copies, args.batch_size, args.checkpoint, args.device, args.model_dtype
             )
             log("throughput done")
         if "storage" in parts:

@@ -11,6 +11,7 @@ on maps of ../shared/data. Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -23,8 +24,8 @@ import torch.nn.functional as F
 
 from bench.common import DEFAULT_SHARED, emit, machine, untrained_head_model
 from bench.memory import PeakMemory
-from model.matching import mnn_scores, rerank_order
-from model.matching.mnn import refine_candidates
+from model.matching import default_precision, mnn_scores, mnn_scores_detailed, rerank_order
+from model.matching.kernels import int8_route
 
 # (name, map side, channels): the local head at 224 px, and ViT-S patch tokens at 224 px.
 MODES = {"local_head": (61, 128), "patch_tokens": (16, 384)}
@@ -47,13 +48,15 @@ def full_tensor_counts(query: torch.Tensor, cands: torch.Tensor) -> torch.Tensor
 POSITIVE_NOISE = (2.2, 2.6, 3.0)
 
 
-def synthetic_maps(k: int, side: int, channels: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_maps(
+    k: int, side: int, channels: int, seed: int = 0, related: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A query and K unit-norm candidate maps: three related to the query at the ranks 0, K/10 and
-    K/4, the others unrelated."""
+    K/4, the others unrelated; or all unrelated (`related=False`: a place missing from the database)."""
     gen = torch.Generator().manual_seed(seed)
     query = F.normalize(torch.randn(side, side, channels, generator=gen), dim=-1)
     cands = F.normalize(torch.randn(k, side, side, channels, generator=gen), dim=-1)
-    for rank, noise in zip((0, k // 10, k // 4), POSITIVE_NOISE, strict=True):
+    for rank, noise in zip((0, k // 10, k // 4), POSITIVE_NOISE if related else (), strict=False):
         cands[rank] = F.normalize(query + noise * cands[rank], dim=-1)
     return query, cands
 
@@ -93,28 +96,94 @@ def agreement(exact: torch.Tensor, approx: torch.Tensor) -> dict:
     }
 
 
-def bench_synthetic(ks: list[int], precisions: list[str], repeats: int, device: torch.device) -> list[dict]:
+# Three candidates related to the query (a place in the database), or none (a place missing from it).
+SCENES = {"match": True, "no_match": False}
+
+
+def bench_synthetic(
+    ks: list[int],
+    precisions: list[str],
+    repeats: int,
+    device: torch.device,
+    modes: list[str],
+    scenes: list[str],
+) -> list[dict]:
     rows = []
-    for mode, (side, channels) in MODES.items():
-        for k in ks:
-            query, cands = synthetic_maps(k, side, channels)
-            query, cands = query.to(device), cands.to(device)
-            methods = {"full_tensor": lambda q=query, c=cands: full_tensor_counts(q, c)}
-            methods |= {p: (lambda q=query, c=cands, p=p: mnn_scores(q, c, p)) for p in precisions}
-            runs = measure(methods, device, repeats)
-            base = {"mode": mode, "K": k, "map": [side, side, channels], "inputs_mib": _mib(query, cands)}
-            reference = runs.pop("full_tensor")
-            ref_ms = statistics.median(reference["times"]) * 1e3
-            rows.append({**base, "method": "full_tensor", "precision": "float32", **_timing(reference)})
-            for precision, run in runs.items():
-                row = {**base, "method": "engine", "precision": precision, **_timing(run)}
-                row["speedup"] = ref_ms / row["median_ms"]
-                row |= agreement(reference["result"], run["result"])
-                if precision == "int8+float32":
-                    row["recounted_in_float32"] = len(refine_candidates(mnn_scores(query, cands, "int8")))
-                rows.append(row)
-            _log(f"{mode} K={k} done")
+    for mode, scene, k in itertools.product(modes, scenes, ks):
+        rows += bench_case(mode, scene, k, precisions, repeats, device)
+        _log(f"{mode} {scene} K={k} done")
     return rows
+
+
+def bench_case(
+    mode: str, scene: str, k: int, precisions: list[str], repeats: int, device: torch.device
+) -> list[dict]:
+    """One map size and scene: the authors' matcher and each precision, interleaved round by round."""
+    side, channels = MODES[mode]
+    query, cands = synthetic_maps(k, side, channels, related=SCENES[scene])
+    query, cands = query.to(device), cands.to(device)
+    methods = {"full_tensor": lambda: full_tensor_counts(query, cands)}
+    methods |= {p: (lambda p=p: mnn_scores(query, cands, _engine_precision(p, device))) for p in precisions}
+    runs = measure(methods, device, repeats)
+    base = {"mode": mode, "scene": scene, "K": k, "map": [side, side, channels]}
+    base["inputs_mib"] = _mib(query, cands)
+    reference = runs.pop("full_tensor")
+    ref_ms = statistics.median(reference["times"]) * 1e3
+    rows = [{**base, "method": "full_tensor", "precision": "float32", **_timing(reference)}]
+    for precision, run in runs.items():
+        row = {**base, "method": "engine", "precision": precision, **_timing(run)}
+        row["speedup"] = ref_ms / row["median_ms"]
+        row |= agreement(reference["result"], run["result"])
+        if precision in ("int8+float32", "default"):
+            scored = mnn_scores_detailed(query, cands, _engine_precision(precision, device))
+            row["recounted_in_float32"], row["top_exact"] = scored.recounted, scored.top_exact
+        rows.append(row)
+    return rows
+
+
+def gemm_floors(device: torch.device, k: int = 100, side: int = 61, channels: int = 128) -> dict:
+    """The similarity products alone, per query at K candidates, from each GEMM's rate on one tile of
+    the engine's size (output reused): the floor each precision's engine time is measured against."""
+    from model.matching.engine import DEFAULT_TILE_ELEMENTS
+    from model.matching.kernels import similarity_kernel
+    from model.matching.precision import Precision
+
+    positions = side * side
+    rows = DEFAULT_TILE_ELEMENTS.get(device.type, DEFAULT_TILE_ELEMENTS["cuda"]) // positions
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(positions, channels, generator=gen).to(device)
+    tile = torch.randn(1, rows, channels, generator=gen).to(device)
+    kernels = {
+        "float32": (similarity_kernel(query, Precision.FLOAT32), tile),
+        "bfloat16": (similarity_kernel(query.bfloat16(), Precision.BFLOAT16), tile.bfloat16()),
+        "int8": (similarity_kernel(query.to(torch.int8), Precision.INT8), tile.to(torch.int8)),
+    }
+    floors = {}
+    for name, (kernel, operand) in kernels.items():
+        seconds = _best_of(lambda kernel=kernel, operand=operand: kernel(operand), device)
+        rate = 2 * rows * positions * channels / seconds
+        floors[name] = {
+            "gemm_gops": rate / 1e9,
+            "products_s_per_query": 2 * k * positions**2 * channels / rate,
+        }
+    return {"K": k, "map": [side, side, channels], "tile_rows": rows, **floors}
+
+
+def _best_of(fn: Callable[[], object], device: torch.device, rounds: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _engine_precision(name: str, device: torch.device) -> str:
+    """ "default" is what mnn_scores picks with precision=None on this device."""
+    return str(default_precision(device)) if name == "default" else name
 
 
 def _timing(run: dict) -> dict:
@@ -125,15 +194,16 @@ def _timing(run: dict) -> dict:
     }
 
 
-def real_maps(shared: Path, device: torch.device) -> dict[str, torch.Tensor]:
+def real_maps(shared: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Local maps of the shared images from the default backbone: the training-free patch tokens, and a
-    61x61x128 map from a seeded, untrained local head (the only one available offline); one forward each."""
+    61x61x128 map from a seeded, untrained local head (the only one available offline); one forward each.
+    Also each image's place (the triplets' pK folder; the Tokyo pair is one place)."""
     from model.config import LocalMode
     from model.preprocess import Preprocessing
 
-    paths = sorted((shared / "matching_triplets").glob("p*/i*/*.jpg")) + sorted(
-        (shared / "tokyo_pair").glob("*")
-    )
+    triplets = sorted((shared / "matching_triplets").glob("p*/i*/*.jpg"))
+    paths = triplets + sorted((shared / "tokyo_pair").glob("*"))
+    places = [p.parent.parent.name for p in triplets] + ["tokyo"] * (len(paths) - len(triplets))
     model = untrained_head_model(device).model
     prep = Preprocessing()
     tokens, head = [], []
@@ -142,34 +212,48 @@ def real_maps(shared: Path, device: torch.device) -> dict[str, torch.Tensor]:
             patch_map = model.patch_map(prep.load(path)[None].to(device))
             tokens.append(model.local_features(patch_map, LocalMode.PATCH_TOKENS)[0])
             head.append(model.local_features(patch_map, LocalMode.LOCAL_HEAD)[0])
-    return {"patch_tokens": torch.stack(tokens), "local_head (untrained head)": torch.stack(head)}
+    maps = {"patch_tokens": torch.stack(tokens), "local_head (untrained head)": torch.stack(head)}
+    return maps, places
 
 
-def bench_real(shared: Path, precisions: list[str], device: torch.device) -> list[dict]:
+def bench_real(
+    shared: Path, precisions: list[str], device: torch.device, scenes: list[str], query_count: int | None
+) -> list[dict]:
+    """Each image (or `query_count` of them, evenly spread) a query against the others ("match": its
+    place's other views among them) or against the other places only ("no_match"): agreement with
+    float32 and the total time over all queries."""
     rows = []
-    for mode, maps in real_maps(shared, device).items():
-        n = maps.shape[0]
-        exact_all, per_precision = [], {p: [] for p in precisions}
-        for i in range(n):
-            others = torch.cat([maps[:i], maps[i + 1 :]])
-            exact_all.append(mnn_scores(maps[i], others, "float32"))
-            for p in precisions:
-                per_precision[p].append(exact_all[-1] if p == "float32" else mnn_scores(maps[i], others, p))
+    all_maps, places = real_maps(shared, device)
+    n = len(places)
+    picked = sorted({round(i * n / query_count) for i in range(query_count)}) if query_count else range(n)
+    for (mode, maps), scene in itertools.product(all_maps.items(), scenes):
+        queries = []
+        for i in picked:
+            keep = [j for j in range(maps.shape[0]) if j != i and (SCENES[scene] or places[j] != places[i])]
+            queries.append((maps[i], maps[keep]))
+        exact = [mnn_scores(q, c, "float32") for q, c in queries]
         for p in precisions:
-            checks = [agreement(e, a) for e, a in zip(exact_all, per_precision[p], strict=True)]
-            rows.append(
-                {
-                    "mode": mode,
-                    "queries": n,
-                    "candidates_per_query": n - 1,
-                    "precision": p,
-                    "top1_unchanged": sum(c["top1_same"] for c in checks) / n,
-                    "counts_identical": float(np.mean([c["counts_identical"] for c in checks])),
-                    "max_abs_diff": max(c["max_abs_diff"] for c in checks),
-                    "max_rel_diff": max(c["max_rel_diff"] for c in checks),
-                }
-            )
+            rows.append({"mode": mode, "scene": scene, "queries": len(queries), "precision": p})
+            rows[-1] |= _real_precision(queries, exact, _engine_precision(p, device))
+        _log(f"real {mode} {scene} done")
     return rows
+
+
+def _real_precision(queries: list, exact: list[torch.Tensor], precision: str) -> dict:
+    start = time.perf_counter()
+    scored = [mnn_scores_detailed(q, c, precision) for q, c in queries]
+    seconds = time.perf_counter() - start
+    checks = [agreement(e, s.counts) for e, s in zip(exact, scored, strict=True)]
+    return {
+        "candidates_per_query": [min(len(c) for _, c in queries), max(len(c) for _, c in queries)],
+        "total_s": seconds,
+        "top1_unchanged": sum(c["top1_same"] for c in checks) / len(checks),
+        "top_exact_reported": sum(s.top_exact for s in scored) / len(scored),
+        "recounted_mean": float(np.mean([s.recounted for s in scored])),
+        "counts_identical": float(np.mean([c["counts_identical"] for c in checks])),
+        "max_abs_diff": max(c["max_abs_diff"] for c in checks),
+        "max_rel_diff": max(c["max_rel_diff"] for c in checks),
+    }
 
 
 def _mib(*tensors: torch.Tensor) -> float:
@@ -186,13 +270,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     parser.add_argument("--k", default="20,100", help="candidate counts (default: %(default)s)")
     parser.add_argument(
-        "--precisions", default="float32,bfloat16,int8,int8+float32", help="engine precisions to time"
+        "--precisions",
+        default="float32,bfloat16,int8,int8+float32,default",
+        help="engine precisions to time; default: what precision=None picks on the device",
     )
+    parser.add_argument("--modes", default=",".join(MODES), help="local map sizes (default: %(default)s)")
+    parser.add_argument("--scenes", default=",".join(SCENES), help="candidate sets (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case, median reported")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--shared-data", type=Path, default=DEFAULT_SHARED, help="real images (skipped if absent)"
     )
+    parser.add_argument("--real-queries", type=int, help="real maps: this many queries (default: all 32)")
+    parser.add_argument("--floors-only", action="store_true", help="only the GEMM floors")
     parser.add_argument("--no-real", dest="real", action="store_false", help="synthetic maps only")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     return parser
@@ -202,13 +292,33 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     precisions = [p for p in args.precisions.split(",") if p]
     report = {"machine": machine(device)}
+    report["default_precision"] = str(default_precision(device))
+    report["int8_route"] = int8_route(device)
+    report["floors"] = gemm_floors(device)
+    if args.floors_only:
+        emit(report, args.out)
+        return report
     report["synthetic"] = bench_synthetic(
-        [int(k) for k in args.k.split(",")], precisions, args.repeats, device
+        [int(k) for k in args.k.split(",")],
+        precisions,
+        args.repeats,
+        device,
+        _names(args.modes, MODES),
+        _names(args.scenes, SCENES),
     )
     if args.real and (args.shared_data / "matching_triplets").is_dir():
-        report["real"] = bench_real(args.shared_data, precisions, device)
+        scenes = _names(args.scenes, SCENES)
+        report["real"] = bench_real(args.shared_data, precisions, device, scenes, args.real_queries)
     emit(report, args.out)
     return report
+
+
+def _names(text: str, known: dict) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {unknown}; expected some of {list(known)}")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,6 +71,7 @@ class BuildConfig:
     image_size: int | None = None
     local_mode: str | None = None
     feature_block: FeatureBlock | None = None  # None: the checkpoint's default
+    model_dtype: str = "float32"
     full: bool = False  # re-encode everything
     batch_size: int | None = None  # None: 16 on CPU, 64 on GPU
     shard_size: int = 256  # images per shard file set (~120 MB at 61x61x128)
@@ -123,6 +124,7 @@ def build_index(
             image_size=config.image_size,
             local_mode=config.local_mode,
             feature_block=config.feature_block,
+            model_dtype=config.model_dtype,
         )
         identity = encoding_identity(extractor, config.local_dtype)
         previous = _open_previous(index_dir)
@@ -210,6 +212,7 @@ def encoding_identity(extractor: FeatureExtractor, local_dtype: str) -> Encoding
         global_dim=global_dim,
         local_shape=local_shape,
         feature_block=extractor.feature_block,
+        model_dtype=str(extractor.model_dtype),
     )
 
 

@@ -51,6 +51,7 @@ class EvalConfig:
     batch_size: int = 16
     precision: str | None = "float32"  # exact MNN counts on the stored features
     local_dtype: str = DEFAULT_LOCAL_DTYPE
+    model_dtype: str = "float32"
     grace_seconds: float = DEFAULT_GRACE_SECONDS  # for the cached database index's superseded versions
 
 
@@ -103,7 +104,10 @@ def evaluate(
     started = time.perf_counter()
     split = VPRSplit.load(config.dataset, config.split, config.queries_list)
     extractor = extractor or FeatureExtractor.from_checkpoint(
-        config.checkpoint, config.device, feature_block=config.feature_block
+        config.checkpoint,
+        config.device,
+        feature_block=config.feature_block,
+        model_dtype=config.model_dtype,
     )
     index_dir = config.index_dir or default_eval_index_dir(split)
     build_index(

@@ -34,6 +34,7 @@ class EncodingIdentity:
     global_dim: int
     local_shape: tuple[int, int, int]
     feature_block: FeatureBlock = FINAL  # indexes written before it existed all used the final norm
+    model_dtype: str = "float32"  # the forward's dtype; manifests from before it was recorded: float32
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

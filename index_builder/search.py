@@ -169,23 +169,32 @@ def extractor_for(
         feature_block=identity.feature_block,
         image_size=identity.image_size,
         exif_transpose=identity.exif_transpose,
+        model_dtype=identity.model_dtype,
     )
 
 
 def check_compatible(index: IndexVersion, extractor: FeatureExtractor) -> None:
+    """The extractor computes features the way the index's were (model, local mode, block, size, dtype)."""
     identity = index.identity
     got = (
         extractor.info.fingerprint,
         str(extractor.local_mode),
         extractor.feature_block,
         extractor.preprocessing.image_size[0],
+        str(extractor.model_dtype),
     )
-    want = (identity.fingerprint, identity.local_mode, identity.feature_block, identity.image_size)
+    want = (
+        identity.fingerprint,
+        identity.local_mode,
+        identity.feature_block,
+        identity.image_size,
+        identity.model_dtype,
+    )
     if got != want:
         raise CheckpointMismatch(
             f"index {index.name} was built with checkpoint {want[0]} "
             f"({index.manifest.checkpoint.description}), local mode {want[1]}, "
-            f"feature block {want[2]}, image size {want[3]}; this model is {got[0]}, {got[1]}, "
-            f"feature block {got[2]}, {got[3]}. "
+            f"feature block {want[2]}, image size {want[3]}, model dtype {want[4]}; this model is {got[0]}, "
+            f"{got[1]}, feature block {got[2]}, {got[3]}, {got[4]}. "
             "Use those settings, or rebuild the index."
         )

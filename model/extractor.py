@@ -12,6 +12,7 @@ import torch
 
 from model.checkpoints import LoadedModel
 from model.config import FeatureBlock, LocalMode, local_side
+from model.dtype import ModelDtype, autocast, cpu_has_native_bfloat16, resolve_model_dtype
 from model.errors import ImageDecodeError
 from model.loading import load_model
 from model.preprocess import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, square
@@ -52,6 +53,7 @@ class FeatureExtractor:
         exif_transpose: bool = True,
         batch_size: int = 8,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        model_dtype: ModelDtype | str | None = None,
     ) -> None:
         self.model = loaded.model
         self.info = loaded.info
@@ -69,6 +71,13 @@ class FeatureExtractor:
             max_pixels=max_pixels,
         )
         self.batch_size = batch_size
+        self.model_dtype = resolve_model_dtype(model_dtype)
+        if (
+            self.model_dtype is ModelDtype.BFLOAT16
+            and self.device.type == "cpu"
+            and not cpu_has_native_bfloat16()
+        ):
+            log.warning("this CPU has no bfloat16 dot products: a bfloat16 forward runs slower than float32")
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike = "default", device: str | None = None, **kwargs):
@@ -85,8 +94,9 @@ class FeatureExtractor:
     @torch.inference_mode()
     def extract_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) preprocessed batch -> (global (B, D), local (B, h, w, C)) on the model's device."""
-        features = self.model(images.to(self.device), self.local_mode, self.feature_block)
-        return features.global_desc, features.local
+        with autocast(self.model_dtype, self.device):
+            features = self.model(images.to(self.device), self.local_mode, self.feature_block)
+        return features.global_desc.float(), features.local.float()
 
     def embed(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None) -> Embeddings:
         """Decode, preprocess and encode; undecodable images are skipped and reported, never fatal."""

@@ -23,6 +23,7 @@ from index_builder.store import (
     SHARDS,
     BuildInProgress,
     BuildLock,
+    EncodingIdentity,
     IndexNotFound,
     IndexVersion,
     current_version_name,
@@ -368,3 +369,14 @@ def test_cli_build_status_and_localize(refs, tmp_path, tiny_ckpt, capsys):
     assert result["matches"][0]["path"] == "p0/i1/Image002.jpg" and len(result["matches"]) == 2
     assert main(["localize", query, "--index-dir", str(tmp_path / "none")]) == 2
     assert "no published index" in capsys.readouterr().err
+
+
+def test_the_model_dtype_is_part_of_the_index_identity(refs, tmp_path, tiny_ckpt):
+    """A bfloat16 forward gives other features: the index records it and re-encodes everything."""
+    build(refs, tmp_path / "index", tiny_ckpt)
+    report = build(refs, tmp_path / "index", tiny_ckpt, model_dtype="bfloat16")
+    assert (report.encoded, report.reused) == (9, 0)
+    identity = IndexVersion.open_current(tmp_path / "index").identity
+    assert identity.model_dtype == "bfloat16"
+    older = {k: v for k, v in identity.to_dict().items() if k != "model_dtype"}  # a manifest from before
+    assert EncodingIdentity.from_dict(older).model_dtype == "float32"

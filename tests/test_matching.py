@@ -7,7 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.matching import Precision, engine, mnn_pairs, mnn_scores, mnn_scores_batch, rerank_order
+from model.matching import (
+    Precision,
+    default_precision,
+    kernels,
+    mnn_pairs,
+    mnn_scores,
+    mnn_scores_detailed,
+    rerank_order,
+)
+from model.matching.refine import RecountPolicy, refine, refine_candidates
 from tests.reference import mnn_count_reference
 
 EXACT = "float32"
@@ -98,20 +107,23 @@ def test_exactly_one_match_quirk(precision):
     assert mnn_scores(two, two[None], precision, reference_compatible=True).tolist() == [4]
 
 
-def test_never_builds_the_whole_similarity_tensor(monkeypatch):
+@pytest.mark.parametrize("int8_route", ["int", "float"])
+def test_never_builds_the_whole_similarity_tensor(monkeypatch, int8_route):
     query, cands = unit_maps(20, 20, 16, seed=11), unit_maps(10, 20, 20, 16, seed=12)
     largest = []
 
     def spying(real):
-        def spy(a, b):
-            out = real(a, b)
+        def spy(*args):
+            out = real(*args)
             largest.append(out.numel())
             return out
 
         return spy
 
-    monkeypatch.setattr(torch, "matmul", spying(torch.matmul))
-    monkeypatch.setattr(torch, "_int_mm", spying(torch._int_mm))
+    monkeypatch.setenv(kernels.INT8_ROUTE_ENV, int8_route)
+    monkeypatch.setattr(kernels, "_onednn_float32_works", lambda: False)  # plain torch GEMMs, spied
+    for name in ("matmul", "addmm", "_int_mm"):
+        monkeypatch.setattr(torch, name, spying(getattr(torch, name)))
     exact = mnn_scores(query, cands, EXACT, tile_elements=20_000)
     int8 = mnn_scores(query, cands, "int8", tile_elements=20_000)
     monkeypatch.undo()
@@ -181,24 +193,25 @@ def test_reduced_precision_stays_close_on_random_maps(precision):
 
 
 def test_int8_results_do_not_depend_on_the_matmul_path(monkeypatch):
-    """Integer similarities are exact, so the hardware int8 kernel and the float fallback (what a device
-    without int8 support runs) give identical counts, whatever the tiling."""
+    """Integer similarities are exact, so torch._int_mm, the float32 GEMM route (oneDNN with the
+    1.5 * 2^23 bias, or torch.addmm) and the float fallback of a device without int8 support give
+    identical counts, whatever the tiling; also with dot products near the int8 limit."""
     query, cands = unit_maps(20, 20, 32, seed=27), unit_maps(5, 20, 20, 32, seed=28)
     cands[1] = F.normalize(query + 0.4 * cands[1], dim=-1)
-    native = mnn_scores(query, cands, "int8")
-    monkeypatch.setitem(engine._INT_MM_WORKS, "cpu", False)
-    fallback = [mnn_scores(query, cands, "int8", tile_elements=t).tolist() for t in (1000, 50_000, 10**7)]
-    assert fallback == [native.tolist()] * 3
-
-
-def test_batch_of_queries_equals_one_at_a_time():
-    queries, cands = unit_maps(3, 6, 6, 16, seed=29), unit_maps(3, 4, 6, 6, 16, seed=30)
-    for precision in (EXACT, "int8"):
-        batch = mnn_scores_batch(queries, cands, precision)
-        single = [mnn_scores(q, c, precision) for q, c in zip(queries, cands, strict=True)]
-        assert [b.tolist() for b in batch] == [s.tolist() for s in single]
-    with pytest.raises(ValueError, match="2 queries but 3"):
-        mnn_scores_batch(queries[:2], cands)
+    cands[2] = query  # dot products at their largest
+    cands[3] = -query  # and most negative
+    monkeypatch.setenv(kernels.INT8_ROUTE_ENV, "int")
+    native = mnn_scores(query, cands, "int8").tolist()
+    results = []
+    for onednn in (True, False):
+        monkeypatch.setattr(kernels, "_onednn_float32_works", lambda onednn=onednn: onednn)
+        monkeypatch.setenv(kernels.INT8_ROUTE_ENV, "float")
+        results += [mnn_scores(query, cands, "int8", tile_elements=t).tolist() for t in (1000, 10**7)]
+    monkeypatch.setenv(kernels.INT8_ROUTE_ENV, "int")
+    monkeypatch.setitem(kernels._INT_MM_WORKS, "cpu", False)
+    results += [mnn_scores(query, cands, "int8", tile_elements=t).tolist() for t in (1000, 50_000, 10**7)]
+    assert results == [native] * 7
+    assert native[2] == 400
 
 
 def test_rerank_order_breaks_ties_by_global_rank():
@@ -208,22 +221,57 @@ def test_rerank_order_breaks_ties_by_global_rank():
     assert rerank_order(np.array([], dtype=np.int64)).tolist() == []
 
 
-def test_default_precision_and_compute_device():
-    query, cands = unit_maps(5, 5, 8, seed=19), unit_maps(2, 5, 5, 8, seed=20)
+def test_default_precision_and_compute_device(monkeypatch):
+    """The default is int8+float32 where int8 products run at least twice as fast as float32 ones,
+    else exact float32."""
+    query, cands = unit_maps(5, 5, 8, seed=19), unit_maps(8, 5, 5, 8, seed=20)
     assert mnn_scores(query, cands).device.type == "cpu"
-    assert mnn_scores(query, cands).tolist() == mnn_scores(query, cands, "int8+float32").tolist()
+    for speedup, expected in ((3.5, "int8+float32"), (1.6, "float32")):
+        monkeypatch.setattr(kernels, "int8_gemm_speedup", lambda device, s=speedup: s)
+        assert default_precision(torch.device("cpu")) == expected
+        assert mnn_scores(query, cands).tolist() == mnn_scores(query, cands, expected).tolist()
     with pytest.raises(ValueError, match="unknown precision"):
         mnn_scores(query, cands, device="cpu", precision="int4")
 
 
 def test_refine_candidates_keeps_every_possible_winner():
-    from model.matching.mnn import refine_candidates
-
     counts = torch.tensor([3000, 2000, 2900, 3100, 50])
     assert refine_candidates(counts).tolist() == [0, 2, 3]  # 2000 + 4 sqrt(2001) < 3100 - 4 sqrt(3101)
     assert refine_candidates(counts, exact_top=3).tolist() == [0, 2, 3]
     assert refine_candidates(counts, exact_top=4).tolist() == [0, 1, 2, 3]
     assert refine_candidates(torch.zeros(0, dtype=torch.int64)).tolist() == []
+
+
+def _recorder(exact: torch.Tensor):
+    calls: list[list[int]] = []
+
+    def recount(picked: list[int]) -> torch.Tensor:
+        calls.append(picked)
+        return exact[picked]
+
+    return recount, calls
+
+
+def test_refine_recounts_a_standing_out_candidate_and_drops_the_rest():
+    """One clear winner: recounted first; its exact count lifts the floor above the others' bounds."""
+    int8 = torch.tensor([1850, 1900, 3000, 2980, 1870] + [1860] * 15)
+    exact = int8 + torch.tensor([5, -3, 40, -30, 2] + [0] * 15)  # the winner gains on its rival
+    recount, calls = _recorder(exact)
+    refined = refine(int8, recount, RecountPolicy(max_recount_fraction=0.25))
+    assert refined.top_exact and calls[0][:2] == [2, 3]
+    assert sorted(refined.recounted.tolist()) == [2, 3]
+    assert refined.counts[2] == 3040 and refined.counts[0] == 1850
+
+
+def test_refine_stops_at_its_budget_when_nothing_stands_out():
+    """Twenty near-equal counts: the budget (a quarter of K) caps the float32 work, and the result
+    says that the top is not guaranteed."""
+    int8 = torch.tensor([1850 + i % 7 for i in range(20)])
+    recount, calls = _recorder(int8 + 1)
+    refined = refine(int8, recount, RecountPolicy(max_recount_fraction=0.25))
+    assert not refined.top_exact
+    assert sum(map(len, calls)) == len(refined.recounted) == 5
+    assert refine(int8, recount, RecountPolicy(max_recount_fraction=1.0)).top_exact
 
 
 def test_refined_default_recounts_the_top_exactly():
@@ -232,12 +280,48 @@ def test_refined_default_recounts_the_top_exactly():
         cands[i] = F.normalize(query + (0.6 + 0.05 * i) * cands[i], dim=-1)
     exact = mnn_scores(query, cands, EXACT)
     int8 = mnn_scores(query, cands, "int8")
-    refined = mnn_scores(query, cands, "int8+float32")
+    scored = mnn_scores_detailed(query, cands, "int8+float32")
+    refined = scored.counts
     recounted = refined == exact
+    assert scored.top_exact and 1 <= scored.recounted <= 3
     assert recounted[exact.argmax()]
     assert torch.equal(refined[~recounted], int8[~recounted])
     assert rerank_order(refined)[0] == rerank_order(exact)[0]
     assert not recounted.all()  # the unrelated candidates were left at their int8 counts
+    assert mnn_scores_detailed(query, cands[:3], "int8+float32").counts.tolist() == exact[:3].tolist()
+
+
+def test_float_near_ties_within_a_key_bucket_keep_the_first_maximum(monkeypatch):
+    """Values one float32 step apart fall in one bucket of the packed key, a lower index holding the
+    smaller one: the reducer's exact check must catch that on rows and on columns and fall back to
+    argmax, and a row whose similarities are all negative must come out right too."""
+    from model.matching import reducers
+
+    caught = {"rows": 0, "columns": 0}
+
+    def spy(name, real, dim):
+        def check(sim, arg, best):
+            picked = torch.gather(sim, dim, arg.unsqueeze(dim)).squeeze(dim)
+            caught[name] += int((picked != best).sum())
+            real(sim, arg, best)
+
+        return check
+
+    monkeypatch.setattr(reducers, "_fix_rows", spy("rows", reducers._fix_rows, 2))
+    monkeypatch.setattr(reducers, "_fix_columns", spy("columns", reducers._fix_columns, 1))
+    step = 2.0**-24  # one float32 step above 0.5
+    near = torch.tensor([0.5 + step, 0.5 + 2 * step, 0.25]).reshape(1, 3, 1)
+    ones = torch.tensor([1.0, -1.0]).reshape(1, 2, 1)
+    for query, cands in ((ones, near[None]), (near, ones[None])):
+        for tile in (2, 6, 10_000):
+            assert mnn_scores(query, cands, EXACT, tile_elements=tile).tolist() == full_tensor_counts(
+                query, cands
+            )
+            q_idx, c_idx = mnn_pairs(query, cands[0], EXACT, tile_elements=tile)
+            sim = cands[0].reshape(-1, 1) @ query.reshape(-1, 1).T
+            assert torch.equal(sim.argmax(dim=0)[q_idx], c_idx)
+            assert torch.equal(sim.argmax(dim=1)[c_idx], q_idx)
+    assert caught["rows"] > 0 and caught["columns"] > 0
 
 
 def test_cuda_int8_padding_keeps_the_products():
@@ -246,11 +330,11 @@ def test_cuda_int8_padding_keeps_the_products():
     gen = torch.Generator().manual_seed(33)
     a = torch.randint(-127, 128, (5, 13), dtype=torch.int8, generator=gen)
     b = torch.randint(-127, 128, (13, 21), dtype=torch.int8, generator=gen)
-    pa, pb = engine.pad_for_cublas_int8(a, b)
+    pa, pb = kernels.pad_for_cublas_int8(a, b)
     assert pa.shape == (17, 16) and pb.shape == (16, 24)
     expected = a.int() @ b.int()
     assert torch.equal(torch._int_mm(pa, pb)[:5, :21], expected)
-    assert torch.equal(engine.int8_matmul(a, b), expected)
+    assert torch.equal(kernels.int8_matmul(a, b), expected)
 
 
 def test_float32_results_do_not_depend_on_the_gemm(monkeypatch):
@@ -259,6 +343,6 @@ def test_float32_results_do_not_depend_on_the_gemm(monkeypatch):
     query, cands = unit_maps(30, 30, 64, seed=34), unit_maps(4, 30, 30, 64, seed=35)
     cands[2] = F.normalize(query + 0.7 * cands[2], dim=-1)
     onednn = mnn_scores(query, cands, EXACT)
-    monkeypatch.setattr(engine, "_onednn_float32_works", lambda: False)
+    monkeypatch.setattr(kernels, "_onednn_float32_works", lambda: False)
     plain = mnn_scores(query, cands, EXACT)
     assert onednn.tolist() == plain.tolist() == full_tensor_counts(query, cands)

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from model.config import FINAL, FeatureBlock, LocalMode, parse_feature_block
+from model.dtype import ModelDtype
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +30,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="local features: the trained 61x61x128 head, or the training-free patch tokens "
         "(default: the head when the checkpoint has a trained one)",
     )
+    add_model_dtype_option(parser)
     parser.add_argument(
         "--feature-block",
         type=feature_block,
@@ -46,6 +48,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_model_dtype_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-dtype",
+        choices=[d.value for d in ModelDtype],
+        default="float32",
+        help="the model forward's dtype: bfloat16 / float16 through autocast (GPU; CPUs with bfloat16 "
+        "hardware); an index remembers it (default: %(default)s)",
+    )
+
+
 def extractor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "checkpoint": args.checkpoint,
@@ -54,6 +66,7 @@ def extractor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "local_mode": args.local_mode,
         "feature_block": args.feature_block,
         "exif_transpose": args.exif_transpose,
+        "model_dtype": args.model_dtype,
     }
 
 

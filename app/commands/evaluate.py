@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from app.commands.common import feature_block, positive_int
+from app.commands.common import add_model_dtype_option, feature_block, positive_int
 from index_builder.evaluate import (
     DEFAULT_RECALLS,
     EvalConfig,
@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N,N,...",
         help="sweep: evaluate each block (e.g. 4,6,8,11,final), each with its own cached database index",
     )
+    add_model_dtype_option(parser)
     parser.add_argument("--rerank-k", type=positive_int, default=100)
     parser.add_argument(
         "--recalls", default=",".join(map(str, DEFAULT_RECALLS)), help="N values, comma-separated"
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         precision=args.precision,
         local_dtype=args.local_dtype,
+        model_dtype=args.model_dtype,
     )
     if args.feature_blocks is not None:
         return run_sweep(args, config)

@@ -55,6 +55,7 @@ def run_build(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         local_mode=args.local_mode,
         feature_block=args.feature_block,
+        model_dtype=args.model_dtype,
         full=args.full,
         batch_size=args.batch_size,
         shard_size=args.shard_size,

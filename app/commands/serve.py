@@ -18,6 +18,7 @@ FLAGS = {
     "--port": ("port", int),
     "--image-size": ("image_size", positive_int),
     "--feature-block": ("feature_block", feature_block),
+    "--model-dtype": ("model_dtype", str),
     "--max-batch-size": ("max_batch_size", positive_int),
     "--max-batch-wait-ms": ("max_batch_wait_ms", float),
     "--max-upload-bytes": ("max_upload_bytes", positive_int),

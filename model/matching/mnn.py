@@ -12,14 +12,15 @@ The authors' code scores a candidate with exactly one MNN pair as 0 (a squeeze()
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from model.matching.engine import best_matches
 from model.matching.maps import CandidateMaps, DenseMaps, SubsetMaps, as_candidate_maps
-from model.matching.precision import Precision, int8_count_error, resolve_precision
+from model.matching.precision import Precision, resolve_precision
+from model.matching.refine import RecountPolicy, refine
 
 MapLike = torch.Tensor | np.ndarray
 CandidatesLike = torch.Tensor | np.ndarray | CandidateMaps
@@ -47,10 +48,40 @@ def mnn_scores(
     Candidates may also be a CandidateMaps (a store that decodes a chunk at a time).
 
     `precision`: "float32" (exact), "bfloat16", "float16", "int8", or "int8+float32": int8 everywhere,
-    float32 for every candidate that could reach the top `exact_top` places. None picks the device's
-    default (model.matching.precision.DEFAULT_PRECISION). Computation runs on `device`, else where the
-    query is. Never more than `tile_elements` similarities exist at once.
+    float32 recounts of the candidates that could reach the top `exact_top` places, within a budget
+    (model.matching.refine). None picks the device's default (precision.default_precision). Computation
+    runs on `device`, else where the query is. Never more than `tile_elements` similarities exist at once.
     """
+    return mnn_scores_detailed(
+        query_local,
+        cand_local,
+        precision,
+        reference_compatible=reference_compatible,
+        exact_top=exact_top,
+        device=device,
+        tile_elements=tile_elements,
+    ).counts
+
+
+@dataclass
+class ScoredCandidates:
+    counts: torch.Tensor  # (K,) int64 on CPU
+    precision: Precision  # what was asked for, resolved
+    recounted: int  # candidates recounted in float32 after int8 (int8+float32 only)
+    top_exact: bool  # the top exact_top places are float32's (always for float32; see refine.py)
+
+
+def mnn_scores_detailed(
+    query_local: MapLike,
+    cand_local: CandidatesLike,
+    precision: str | Precision | None = None,
+    *,
+    reference_compatible: bool = False,
+    exact_top: int = 1,
+    device: str | torch.device | None = None,
+    tile_elements: int | None = None,
+) -> ScoredCandidates:
+    """mnn_scores with what the precision policy did."""
     query, cands = _as_tensor(query_local), as_candidate_maps(cand_local)
     if query.ndim != 3 or query.shape[-1] != cands.map_shape[-1]:
         raise ValueError(
@@ -59,17 +90,24 @@ def mnn_scores(
         )
     compute_on = _compute_device(query, device)
     mode = resolve_precision(precision, compute_on)
-    if mode is Precision.INT8_FLOAT32:
-        counts = _counts(query, cands, Precision.INT8, compute_on, tile_elements)
-        contenders = refine_candidates(counts, exact_top)
-        if len(contenders):
-            recount = SubsetMaps(cands, contenders.tolist())
-            counts[contenders] = _counts(query, recount, Precision.FLOAT32, compute_on, tile_elements)
+    policy = RecountPolicy(exact_top=exact_top)
+
+    def counts_in(engine_mode: Precision, subset: CandidateMaps = cands) -> torch.Tensor:
+        return _counts(query, subset, engine_mode, compute_on, tile_elements)
+
+    if mode is Precision.INT8_FLOAT32 and policy.budget(len(cands)) > 0:
+        refined = refine(
+            counts_in(Precision.INT8),
+            lambda picked: counts_in(Precision.FLOAT32, SubsetMaps(cands, picked)),
+            policy,
+        )
+        scored = ScoredCandidates(refined.counts, mode, len(refined.recounted), refined.top_exact)
     else:
-        counts = _counts(query, cands, mode, compute_on, tile_elements)
+        engine_mode = Precision.FLOAT32 if mode is Precision.INT8_FLOAT32 else mode  # K < 4: float32
+        scored = ScoredCandidates(counts_in(engine_mode), mode, 0, engine_mode is Precision.FLOAT32)
     if reference_compatible:
-        counts[counts == 1] = 0
-    return counts
+        scored.counts[scored.counts == 1] = 0
+    return scored
 
 
 def _counts(
@@ -83,31 +121,6 @@ def _counts(
         return torch.zeros(0, dtype=torch.int64)
     matches = best_matches(query.flatten(0, 1), cands, mode, device, tile_elements)
     return matches.mutual().sum(dim=1).cpu()
-
-
-def refine_candidates(int8_counts: torch.Tensor, exact_top: int = 1) -> torch.Tensor:
-    """Indices of the candidates whose float32 count could reach the top `exact_top` places, given
-    int8 counts and their error allowance: those whose upper bound reaches the lower bound of the
-    `exact_top`-th best. Everything outside stays below every candidate recounted exactly."""
-    if int8_counts.numel() == 0 or exact_top <= 0:
-        return torch.zeros(0, dtype=torch.int64)
-    kth = torch.topk(int8_counts, min(exact_top, int8_counts.numel())).values[-1]
-    floor = kth.double() - int8_count_error(kth)
-    ceiling = int8_counts.double() + int8_count_error(int8_counts)
-    return torch.nonzero(ceiling >= floor).flatten()
-
-
-def mnn_scores_batch(
-    queries: MapLike,
-    candidates: MapLike | Sequence[MapLike],
-    precision: str | Precision | None = None,
-    **kwargs,
-) -> list[torch.Tensor]:
-    """Several queries at once, each against its own candidates: queries (Q, h, w, C), candidates
-    (Q, K, h, w, C) or a list of Q arrays (K_q, h, w, C). Same results as one query at a time."""
-    if len(queries) != len(candidates):
-        raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate sets")
-    return [mnn_scores(q, c, precision, **kwargs) for q, c in zip(queries, candidates, strict=True)]
 
 
 def mnn_pairs(

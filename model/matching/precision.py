@@ -5,9 +5,13 @@
 - int8: one scale per map (so argmaxes along either axis are unchanged by it), integer dot products
   (VNNI on CPU, int8 tensor cores on GPU), exact int32 similarities of the rounded vectors. Integer
   arithmetic makes its results identical on every device.
-- int8+float32 (the default): int8 counts for every candidate, then float32 counts for each candidate
-  whose int8 count comes within the error allowance of the best ones, so the top of the re-ranked list
-  is what float32 gives, at close to int8 cost.
+- int8+float32: int8 counts for every candidate, then float32 recounts of the candidates whose int8
+  count comes within the error allowance of the best ones, within a budget (refine.py), so the top of
+  the re-ranked list is what float32 gives at close to int8 cost whenever a candidate stands out.
+
+The default (`default_precision`) is int8+float32 where int8 products run at least twice as fast as
+float32 ones (GPU; CPUs with VNNI / AMX, timed once per process) and float32 elsewhere: without int8
+hardware int8 runs through the same float32 GEMM and saves too little to pay for any recount.
 """
 
 from __future__ import annotations
@@ -32,8 +36,6 @@ FLOAT_DTYPES = {
     Precision.FLOAT16: torch.float16,
 }
 
-# Chosen from bench/rerank.py on the project's machines (README "Re-ranking engine").
-DEFAULT_PRECISION = {"cpu": Precision.INT8_FLOAT32, "cuda": Precision.INT8_FLOAT32}
 
 # How far an int8 count may stray from the float32 count, in units of sqrt(count + 1). The largest seen
 # on the shared images is 2.3 (bench/rerank.py, README); 4 leaves room for other data.
@@ -47,9 +49,22 @@ def int8_count_error(counts: torch.Tensor) -> torch.Tensor:
     return INT8_ERROR_SIGMAS * torch.sqrt(counts.double() + 1)
 
 
+# int8+float32 becomes the default only where int8 products run at least this many times faster than
+# float32 ones: then one int8 pass plus K/4 float32 recounts (refine.py) stays below float32 alone.
+INT8_DEFAULT_MIN_SPEEDUP = 2.0
+
+
+def default_precision(device: torch.device) -> Precision:
+    """int8+float32 where int8 products have hardware that makes them fast enough, else exact float32."""
+    from model.matching.kernels import int8_gemm_speedup  # kernels builds on this module
+
+    fast_int8 = int8_gemm_speedup(device) >= INT8_DEFAULT_MIN_SPEEDUP
+    return Precision.INT8_FLOAT32 if fast_int8 else Precision.FLOAT32
+
+
 def resolve_precision(precision: str | Precision | None, device: torch.device) -> Precision:
     if precision is None:
-        return DEFAULT_PRECISION.get(device.type, Precision.FLOAT32)
+        return default_precision(device)
     try:
         return Precision(precision)
     except ValueError:
@@ -66,8 +81,9 @@ def index_bits(*lengths: int) -> int:
 def int8_limit(bits: int) -> int:
     """Largest |dot product| of int8 vectors the engine accepts. It packs a position index into the
     low `bits` bits of each similarity, so |dot| * 2^bits + 2^(bits + 1) must fit in int32; and below
-    2^24 every partial sum (at most |a||b|) is exact in float32 too, for the float fallback."""
-    return min(2 ** (31 - bits) - 2, 2**24)
+    2^22 every partial sum (at most |a||b|) is exact in float32, also with the 1.5 * 2^23 bias of the
+    float route (engine.MAGIC_BIAS)."""
+    return min(2 ** (31 - bits) - 2, 2**22 - 1)
 
 
 def quantize_int8(maps: torch.Tensor, bits: int) -> torch.Tensor:
