@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from index_builder.builder import BuildConfig, build_index
+from index_builder.errors import CheckpointMismatch
 from index_builder.global_index import GlobalIndexConfig, build_global_index, search
-from index_builder.search import CheckpointMismatch, Localizer
+from index_builder.manifest import EncodingIdentity
+from index_builder.search import Localizer
 from index_builder.status import index_status
 from index_builder.store import (
     SHARDS,
     BuildInProgress,
     BuildLock,
-    EncodingIdentity,
     IndexNotFound,
     IndexVersion,
     current_version_name,
