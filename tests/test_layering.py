@@ -55,18 +55,20 @@ def test_no_import_cycle_among_modules():
             modules[name] = path
     graph = {name: _project_imports(path, modules) - {name} for name, path in modules.items()}
     state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles: list[list[str]] = []
 
-    def visit(name: str, path: list[str]) -> list[str] | None:
+    def visit(name: str, path: list[str]) -> None:
         state[name] = 1
         for dep in sorted(graph[name]):
             if state.get(dep) == 1:
-                return [*path, name, dep]
-            if dep not in state and (cycle := visit(dep, [*path, name])):
-                return cycle
+                cycles.append([*path[path.index(dep) :], name, dep] if dep in path else [name, dep])
+            elif dep not in state:
+                visit(dep, [*path, name])
         state[name] = 2
-        return None
 
-    cycles = [c for name in sorted(graph) if name not in state and (c := visit(name, []))]
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
     assert cycles == []
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from model.matching.defaults import resolve_precision
 from model.matching.engine import best_matches
 from model.matching.maps import CandidateMaps, DenseMaps, SubsetMaps, as_candidate_maps
-from model.matching.precision import Precision, resolve_precision
+from model.matching.precision import Precision
 from model.matching.refine import RecountPolicy, refine
 
 MapLike = torch.Tensor | np.ndarray
@@ -49,7 +50,7 @@ def mnn_scores(
 
     `precision`: "float32" (exact), "bfloat16", "float16", "int8", or "int8+float32": int8 everywhere,
     float32 recounts of the candidates that could reach the top `exact_top` places, within a budget
-    (model.matching.refine). None picks the device's default (precision.default_precision). Computation
+    (model.matching.refine). None picks the device's default (defaults.default_precision). Computation
     runs on `device`, else where the query is. Never more than `tile_elements` similarities exist at once.
     """
     return mnn_scores_detailed(
