@@ -7,11 +7,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -26,6 +21,7 @@ from app.settings import Settings
 from bench.abuse import bytes_sent_before_the_answer
 from tests.conftest import SHARED_DATA
 from tests.helpers import tiny_checkpoint
+from tests.servers import serve_process
 
 ADMIN_KEY = "adversarial-key"
 FUZZ = settings(
@@ -36,44 +32,16 @@ FUZZ = settings(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, shared_data) -> str:
     root = tmp_path_factory.mktemp("adversarial")
     refs = root / "refs"
     shutil.copytree(shared_data / "matching_triplets" / "p0", refs / "p0")
-    ckpt = tiny_checkpoint(root / "tiny")
-    port = _free_port()
-    env = {**os.environ, "SELAVPR_API_KEY": ADMIN_KEY, "SELAVPR_REQUEST_TIMEOUT_S": "20"}
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--references", str(refs)]
-    cmd += ["--index-dir", str(root / "index"), "--checkpoint", str(ckpt), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "not ready in time"
-            time.sleep(0.2)
+    env = {"SELAVPR_API_KEY": ADMIN_KEY, "SELAVPR_REQUEST_TIMEOUT_S": "20"}
+    with serve_process(refs, root / "index", tiny_checkpoint(root / "tiny"), env) as (base, proc):
         yield base
         assert proc.poll() is None, "the server died"
         assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_unauthenticated_400mb_upload_is_refused_before_1mb(server):

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
 from tests.helpers import tiny_checkpoint
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.servers import serve_process
 
 
 def load_test(base: str, refs) -> dict:
@@ -45,37 +35,7 @@ def test_serve_builds_serves_and_stops(tmp_path, shared_data):
     refs = tmp_path / "refs"
     shutil.copytree(shared_data / "matching_triplets" / "p0", refs / "p0")
     ckpt = tiny_checkpoint(tmp_path / "tiny")
-    port = free_port()
-    env = {**os.environ, "SELAVPR_API_KEY": "k"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "app.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--references",
-        str(refs),
-        "--index-dir",
-        str(tmp_path / "index"),
-        "--checkpoint",
-        str(ckpt),
-        "--device",
-        "cpu",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "not ready in time"
-            time.sleep(0.2)
+    with serve_process(refs, tmp_path / "index", ckpt, {"SELAVPR_API_KEY": "k"}) as (base, proc):
         image = next((refs / "p0" / "i1").iterdir())
         response = httpx.post(f"{base}/localize", files={"image": ("q.jpg", image.read_bytes())}, timeout=30)
         assert response.status_code == 200
@@ -85,13 +45,6 @@ def test_serve_builds_serves_and_stops(tmp_path, shared_data):
         report = load_test(base, refs)
         assert report["errors"] == {} and report["requests_ok"] > 0
         assert set(report["server_stage_ms"]) == {"decode", "extract", "search", "rerank", "total"}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells it was SIGTERM
     assert proc.returncode in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in proc.stdout.read()
