@@ -367,7 +367,7 @@ def test_confirmation_url_reads_the_form_and_the_link():
 
 
 def _serve(tmp_path, refs) -> subprocess.Popen:
-    from tests.test_serve_process import free_port
+    from tests.servers import free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--references", str(refs)]

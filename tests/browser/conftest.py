@@ -19,7 +19,7 @@ import pytest
 
 from tests.browser.pages import open_page
 from tests.conftest import REPO
-from tests.test_serve_process import free_port
+from tests.servers import free_port
 
 CHROMIUM = Path(os.environ.get("SELAVPR_CHROMIUM", "/usr/bin/chromium"))
 # As root Chromium needs --no-sandbox; the rest keep it from calling any host of its own accord.
