@@ -23,26 +23,31 @@ def free_port() -> int:
 
 @contextmanager
 def serve_process(
-    refs: Path, index_dir: Path, checkpoint: Path, env: dict[str, str], ready_s: float = 90
+    args: list[str],
+    env: dict[str, str | None] | None = None,
+    log: Path | None = None,
+    ready_s: float = 90,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """(base URL, process) once /readyz answers 200; SIGTERM (then SIGKILL) on the way out."""
+    """`selavpr serve --port P ARGS` -> (base URL, process) once /readyz answers 200; SIGTERM (then
+    SIGKILL) on the way out. `env` adds variables to the environment (None removes one); the output goes
+    to `log` when given, else to the process's stdout pipe."""
     port = free_port()
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--references", str(refs)]
-    cmd += ["--index-dir", str(index_dir), "--checkpoint", str(checkpoint), "--device", "cpu"]
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), *args]
+    environment = {**os.environ, **(env or {})}
+    environment = {k: v for k, v in environment.items() if v is not None}
+    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, env=environment, stdout=out, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + ready_s
         while True:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, _output(proc, log)
             try:
                 if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "not ready in time"
+            assert time.monotonic() < deadline, f"not ready in {ready_s} s:\n{_output(proc, log)}"
             time.sleep(0.2)
         yield base, proc
     finally:
@@ -52,3 +57,16 @@ def serve_process(
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+        finally:
+            if log:
+                out.close()
+
+
+def _output(proc: subprocess.Popen, log: Path | None) -> str:
+    return log.read_text() if log else proc.stdout.read()
+
+
+def serve_args(refs: Path, index_dir: Path, checkpoint: Path | None = None) -> list[str]:
+    """The usual flags: references, index and (unless the default weights) a checkpoint, on the CPU."""
+    args = ["--references", str(refs), "--index-dir", str(index_dir), "--device", "cpu"]
+    return args + (["--checkpoint", str(checkpoint)] if checkpoint else [])

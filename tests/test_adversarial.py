@@ -21,7 +21,7 @@ from app.settings import Settings
 from bench.abuse import bytes_sent_before_the_answer
 from tests.conftest import SHARED_DATA
 from tests.helpers import tiny_checkpoint
-from tests.servers import serve_process
+from tests.servers import serve_args, serve_process
 
 ADMIN_KEY = "adversarial-key"
 FUZZ = settings(
@@ -38,7 +38,8 @@ def server(tmp_path_factory, shared_data) -> str:
     refs = root / "refs"
     shutil.copytree(shared_data / "matching_triplets" / "p0", refs / "p0")
     env = {"SELAVPR_API_KEY": ADMIN_KEY, "SELAVPR_REQUEST_TIMEOUT_S": "20"}
-    with serve_process(refs, root / "index", tiny_checkpoint(root / "tiny"), env) as (base, proc):
+    args = serve_args(refs, root / "index", tiny_checkpoint(root / "tiny"))
+    with serve_process(args, env) as (base, proc):
         yield base
         assert proc.poll() is None, "the server died"
         assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200

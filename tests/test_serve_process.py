@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.helpers import tiny_checkpoint
-from tests.servers import serve_process
+from tests.servers import serve_args, serve_process
 
 
 def load_test(base: str, refs) -> dict:
@@ -35,7 +35,8 @@ def test_serve_builds_serves_and_stops(tmp_path, shared_data):
     refs = tmp_path / "refs"
     shutil.copytree(shared_data / "matching_triplets" / "p0", refs / "p0")
     ckpt = tiny_checkpoint(tmp_path / "tiny")
-    with serve_process(refs, tmp_path / "index", ckpt, {"SELAVPR_API_KEY": "k"}) as (base, proc):
+    args = serve_args(refs, tmp_path / "index", ckpt)
+    with serve_process(args, {"SELAVPR_API_KEY": "k"}) as (base, proc):
         image = next((refs / "p0" / "i1").iterdir())
         response = httpx.post(f"{base}/localize", files={"image": ("q.jpg", image.read_bytes())}, timeout=30)
         assert response.status_code == 200

@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +15,7 @@ import pytest
 
 from tests.browser.pages import open_page
 from tests.conftest import REPO
-from tests.servers import free_port
+from tests.servers import serve_args, serve_process
 
 CHROMIUM = Path(os.environ.get("SELAVPR_CHROMIUM", "/usr/bin/chromium"))
 # As root Chromium needs --no-sandbox; the rest keep it from calling any host of its own accord.
@@ -122,37 +118,13 @@ def server(tmp_path_factory, shared_data, require_chromium) -> Iterator[Server]:
             rows.append(f"{target.relative_to(refs).as_posix()},{BASE_LAT + STEP_DEG * k:.6f},{BASE_LON:.6f}")
         queries += sorted((place / "i1").glob("*.jpg"))
     (refs / "locations.csv").write_text("\n".join(rows) + "\n")
-    port = free_port()
     log = root / "serve.log"
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--references", str(refs)]
-    cmd += ["--index-dir", str(root / "index"), "--device", "cpu", "--max-upload-bytes", str(UPLOAD_LIMIT)]
-    env = {**os.environ, "SELAVPR_API_KEY": API_KEY}
-    env.pop("SELAVPR_TILE_URL", None)  # the default: no tiles, nothing fetched from outside
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-    served = Server(f"http://127.0.0.1:{port}", refs, queries, log)
-    try:
-        _wait_ready(served, proc)
-        yield served
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _wait_ready(server: Server, proc: subprocess.Popen, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds  # converts the default weights into a fresh cache, then indexes
-    while True:
-        assert proc.poll() is None, server.log.read_text()
-        try:
-            if server.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"not ready in {seconds} s:\n{server.log.read_text()}"
-        time.sleep(0.3)
+    args = [*serve_args(refs, root / "index"), "--max-upload-bytes", str(UPLOAD_LIMIT)]
+    # no SELAVPR_TILE_URL: the default, no tiles, nothing fetched from outside; the first start converts
+    # the default weights into a fresh cache, then indexes
+    env = {"SELAVPR_API_KEY": API_KEY, "SELAVPR_TILE_URL": None}
+    with serve_process(args, env, log=log, ready_s=300) as (base, _):
+        yield Server(base, refs, queries, log)
 
 
 @pytest.fixture
