@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from PIL import Image
 
@@ -33,15 +33,10 @@ class RenderedImage:
     etag: str
 
 
-def display_name(record: ImageRecord) -> str:
-    """The uploaded file's original name once records carry it, else the stored file's name."""
-    return getattr(record, "name", None) or PurePosixPath(record.path).name
-
-
 def list_page(version: IndexVersion, offset: int, limit: int) -> dict:
     ids = range(min(offset, len(version)), min(offset + limit, len(version)))  # ids are 0..n-1
     items = [
-        {"id": r.id, "name": display_name(r), "path": r.path, "lat": r.lat, "lon": r.lon}
+        {"id": r.id, "name": r.display_name, "path": r.path, "lat": r.lat, "lon": r.lon}
         for r in version.records(list(ids))
     ]
     return {
