@@ -102,7 +102,9 @@ class VPRService:
             self.index_problem = "the published index version is damaged (see the server log)"
             return
         try:
-            localizer = Localizer(version, self.extractor, self.settings.precision)
+            localizer = Localizer(
+                version, self.extractor, self.settings.precision, self.settings.resident_maps_bytes
+            )
         except CheckpointMismatch as exc:
             version.close()
             log.error("%s", exc)

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from index_builder.results import DEFAULT_RERANK_K, DEFAULT_TOP_K
 from index_builder.store import DEFAULT_GRACE_SECONDS
 from model.config import FeatureBlock, parse_feature_block
+from model.matching.precision import Precision
 from model.preprocess import DEFAULT_MAX_PIXELS
 
 MIB = 2**20
@@ -34,6 +35,11 @@ class Settings(BaseSettings):
     feature_block: FeatureBlock | None = None
     model_dtype: str = "float32"  # the model forward: float32, bfloat16 or float16 (autocast)
     precision: str | None = None  # MNN precision; None: the device's default
+    resident_maps_bytes: int = Field(
+        16 * 1024 * MIB,
+        ge=0,
+        description="on a GPU, hold the index's local maps in its memory up to this size",
+    )
 
     max_batch_size: int = Field(8, ge=1, le=256, description="queries per model forward")
     max_batch_wait_ms: float = Field(
@@ -86,12 +92,24 @@ class Settings(BaseSettings):
     tile_url: str | None = None  # e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png
     tile_attribution: str | None = None  # shown on the map; required by most tile providers
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _check_precision(cls, value: object) -> str | None:
+        """Checked at start-up: a wrong value would otherwise fail every /localize."""
+        if value is None or value == "" or value == "default":
+            return None
+        return str(Precision(value)) if value in set(Precision) else _bad_precision(value)
+
     @field_validator("api_key", "localize_api_key")
     @classmethod
     def _no_empty_key(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("an empty API key is not allowed; leave the setting unset for no key")
         return value
+
+
+def _bad_precision(value: object) -> str:
+    raise ValueError(f"unknown precision {value!r}; expected one of {[p.value for p in Precision]} or unset")
 
 
 def is_loopback(host: str) -> bool:

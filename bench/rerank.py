@@ -169,6 +169,74 @@ def gemm_floors(device: torch.device, k: int = 100, side: int = 61, channels: in
     return {"K": k, "map": [side, side, channels], "tile_rows": rows, **floors}
 
 
+def fused_check(device: torch.device, k: int = 16) -> list[dict]:
+    """The fused kernel (model/matching/fused.py) against the engine's tiles on the same maps: both
+    argmaxes equal, per precision; and whether the fused kernel ran at all."""
+    import os
+
+    from model.matching.engine import best_matches
+    from model.matching.fused import fused_enabled
+    from model.matching.maps import DenseMaps
+    from model.matching.precision import Precision
+
+    query, cands = synthetic_maps(k, 61, 128)
+    query, cands = query.flatten(0, 1).to(device), DenseMaps(cands.to(device))
+    rows, before = [], os.environ.get("SELAVPR_FUSED_MNN")
+    try:
+        for name in ("bfloat16", "float16", "int8"):
+            precision = Precision(name)
+            os.environ["SELAVPR_FUSED_MNN"] = "1"
+            used = fused_enabled(device, precision)
+            got = best_matches(query, cands, precision, device, None)
+            os.environ["SELAVPR_FUSED_MNN"] = "0"
+            want = best_matches(query, cands, precision, device, None)
+            rows.append(
+                {
+                    "precision": name,
+                    "fused_ran": used,
+                    "best_c_of_q_equal": float((got.best_c_of_q == want.best_c_of_q).float().mean()),
+                    "best_q_of_c_equal": float((got.best_q_of_c == want.best_q_of_c).float().mean()),
+                    "counts_fused": got.mutual().sum(dim=1).tolist()[:4],
+                    "counts_tiles": want.mutual().sum(dim=1).tolist()[:4],
+                }
+            )
+    finally:
+        if before is None:
+            os.environ.pop("SELAVPR_FUSED_MNN", None)
+        else:
+            os.environ["SELAVPR_FUSED_MNN"] = before
+    return rows
+
+
+# (BM, BN, warps) tried by --fused-sweep
+FUSED_CONFIGS = ((64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 128, 4), (128, 128, 8), (256, 64, 8))
+
+
+def fused_sweep(device: torch.device, k: int = 100) -> list[dict]:
+    """The fused kernel's time per query at K candidates for each block shape, per precision."""
+    from model.matching.fused import fused_best_matches
+    from model.matching.precision import index_bits, quantize_int8
+
+    query, cands = synthetic_maps(k, 61, 128)
+    query, cands = query.flatten(0, 1).to(device), cands.flatten(1, 2).to(device)
+    bits = index_bits(query.shape[0], cands.shape[1])
+    operands = {
+        "bfloat16": (query.bfloat16(), cands.bfloat16()),
+        "int8": (quantize_int8(query[None], bits)[0], quantize_int8(cands, bits)),
+    }
+    rows = []
+    for name, (q, c) in operands.items():
+        for bm, bn, warps in FUSED_CONFIGS:
+            try:
+                seconds = _best_of(
+                    lambda q=q, c=c, bm=bm, bn=bn, w=warps: fused_best_matches(q, c, bm, bn, w), device
+                )
+                rows.append({"precision": name, "BM": bm, "BN": bn, "warps": warps, "ms": seconds * 1e3})
+            except Exception as exc:  # a shape the compiler refuses is a result too
+                rows.append({"precision": name, "BM": bm, "BN": bn, "warps": warps, "error": repr(exc)[:200]})
+    return rows
+
+
 def _best_of(fn: Callable[[], object], device: torch.device, rounds: int = 5) -> float:
     fn()
     best = float("inf")
@@ -284,6 +352,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--real-queries", type=int, help="real maps: this many queries (default: all 32)")
     parser.add_argument("--floors-only", action="store_true", help="only the GEMM floors")
     parser.add_argument("--no-real", dest="real", action="store_false", help="synthetic maps only")
+    parser.add_argument("--fused-check", action="store_true", help="fused kernel against tiles first")
+    parser.add_argument("--fused-sweep", action="store_true", help="fused kernel block shapes, timed")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     return parser
 
@@ -295,6 +365,10 @@ def run(args: argparse.Namespace) -> dict:
     report["default_precision"] = str(default_precision(device))
     report["int8_route"] = int8_route(device)
     report["floors"] = gemm_floors(device)
+    if args.fused_check:
+        report["fused_check"] = fused_check(device)
+    if args.fused_sweep:
+        report["fused_sweep"] = fused_sweep(device)
     if args.floors_only:
         emit(report, args.out)
         return report

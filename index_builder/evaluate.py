@@ -196,9 +196,9 @@ def _predict(
         for q in range(len(paths)):
             candidates = ids[q][ids[q] >= 0]
             head = candidates[: config.rerank_k]
-            counts = mnn_scores(
-                local[q].float().cpu(), version.candidate_maps(head.tolist()), config.precision
-            )
+            query_local = local[q].float()  # re-ranked where the model ran (a GPU when there is one)
+            cands = version.candidate_maps(head.tolist(), query_local.device)
+            counts = mnn_scores(query_local, cands, config.precision, device=query_local.device)
             global_predictions.append(candidates)
             reranked_predictions.append(np.concatenate([head[rerank_order(counts)], candidates[len(head) :]]))
         bar.update(len(paths))

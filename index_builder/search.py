@@ -3,6 +3,7 @@ re-ranking of the K candidates' local features read from the store a few at a ti
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -27,6 +28,8 @@ from model.loading import load_model
 from model.matching import mnn_scores, rerank_order
 from model.preprocess import ImageSource, MemoryBudget
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Query:
@@ -50,10 +53,18 @@ def prepare_query(
 
 class Localizer:
     def __init__(
-        self, index: IndexVersion, extractor: FeatureExtractor, precision: str | None = None
+        self,
+        index: IndexVersion,
+        extractor: FeatureExtractor,
+        precision: str | None = None,
+        resident_max_bytes: int = 0,
     ) -> None:
+        """`resident_max_bytes`: on an accelerator, hold the index's local maps in its memory when they
+        take at most this much (re-ranking then reads nothing per query)."""
         check_compatible(index, extractor)
         self.index, self.extractor, self.precision = index, extractor, precision
+        if extractor.device.type != "cpu" and 0 < index.stored_local_bytes() <= resident_max_bytes:
+            make_resident(index, extractor.device)
 
     @classmethod
     def open(
@@ -78,7 +89,8 @@ class Localizer:
         rerank_ks = [rerank_k] * n if isinstance(rerank_k, int) else list(rerank_k)
         start = time.perf_counter()
         global_desc, local = self.extractor.extract_tensors(torch.stack([q.tensor for q in queries]))
-        global_desc, local = global_desc.float().cpu().numpy(), local.float().cpu()
+        # the local maps stay where the model ran: re-ranking runs there too (on a GPU, ~100x faster)
+        global_desc, local = global_desc.float().cpu().numpy(), local.float()
         extracted = time.perf_counter()
         scores, ids = global_search(self.index.index, global_desc, max(max(rerank_ks), max(top_ks)))
         search_s = time.perf_counter() - extracted
@@ -112,7 +124,9 @@ class Localizer:
     ) -> LocalizeResult:
         keep = ids >= 0  # approximate indexes may return fewer results
         scores, ids = scores[keep], ids[keep]
-        counts = mnn_scores(query_local, self.index.candidate_maps(ids.tolist()), self.precision)
+        device = query_local.device
+        cands = self.index.candidate_maps(ids.tolist(), device)
+        counts = mnn_scores(query_local, cands, self.precision, device=device)
         order = rerank_order(counts)[:top_k]
         records = self.index.records(ids[order].tolist())
         matches = [
@@ -125,6 +139,23 @@ class Localizer:
             location=estimate_location(matches, positions),
             index_version=self.index.name,
         )
+
+
+def make_resident(index: IndexVersion, device: torch.device) -> None:
+    start = time.perf_counter()
+    try:
+        index.make_resident(device)
+    except torch.OutOfMemoryError:
+        log.warning("index %s: its local maps do not fit on %s; reading them per query", index.name, device)
+        return
+    mib = index.stored_local_bytes() / 2**20
+    log.info(
+        "index %s: %.0f MiB of local maps on %s (%.1f s)",
+        index.name,
+        mib,
+        device,
+        time.perf_counter() - start,
+    )
 
 
 def _match(record: ImageRecord, rank: int, score: float, count: int) -> Match:

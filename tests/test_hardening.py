@@ -116,6 +116,16 @@ async def test_a_part_over_the_limit_is_refused_while_it_streams(root_path):
     assert fine.status == 200
 
 
+def test_a_wrong_precision_is_refused_at_start_not_on_every_query(monkeypatch):
+    """SELAVPR_PRECISION="" once made every /localize a 500 (the matcher refused the empty name)."""
+    monkeypatch.setenv("SELAVPR_PRECISION", "")
+    assert Settings().precision is None  # empty or "default": the device's default
+    assert Settings(precision="default").precision is None
+    assert Settings(precision="int8+float32").precision == "int8+float32"
+    with pytest.raises(ValidationError, match="unknown precision 'int4'"):
+        Settings(precision="int4")
+
+
 def test_empty_key_is_an_error_and_open_admin_beyond_loopback_is_refused(caplog):
     with pytest.raises(ValidationError, match="empty API key"):
         Settings(api_key="")

@@ -31,6 +31,7 @@ from index_builder.store import (
     decode_local,
     encode_local,
 )
+from index_builder.store.codec import decode_local_torch
 from model.matching import mnn_scores
 from tests.helpers import noise_images, tiny_checkpoint
 
@@ -286,6 +287,23 @@ def test_stored_maps_feed_the_matcher_like_arrays(refs, tmp_path, tiny_ckpt):
     assert stored.tolist() == dense.tolist()
 
 
+def test_resident_maps_feed_the_matcher_like_the_store(refs, tmp_path, tiny_ckpt):
+    """make_resident (what a GPU server does with an index that fits its memory), here on CPU."""
+    build(refs, tmp_path / "index", tiny_ckpt)
+    version = IndexVersion.open_current(tmp_path / "index")
+    ids = [4, 0, 7, 2]
+    query = torch.from_numpy(version.read_local([1])[0])
+    stored = version.candidate_maps(ids)
+    version.make_resident(torch.device("cpu"))
+    resident = version.candidate_maps(ids)
+    assert type(resident).__name__ == "ResidentCandidates" and len(resident) == 4
+    assert version.stored_local_bytes() == version.resident.values.nbytes + version.resident.scales.nbytes
+    np.testing.assert_allclose(resident.load([3, 0]).numpy(), stored.load([3, 0]).numpy(), atol=1e-6)
+    assert mnn_scores(query, resident, "float32").tolist() == mnn_scores(query, stored, "float32").tolist()
+    version.close()
+    assert version.resident is None
+
+
 def test_localize_refuses_another_model(refs, tmp_path, tiny_ckpt):
     build(refs, tmp_path / "index", tiny_ckpt)
     other = tiny_checkpoint(tmp_path / "other", seed=13)
@@ -330,6 +348,14 @@ def test_int8_local_codec_error_bound():
     assert np.all(decoded[0, 0, 0] == 0)
     half = encode_local(local, "float16")
     np.testing.assert_allclose(decode_local(half["local"], None), local, atol=1e-3)
+    # the torch decode that accelerators run (re-ranking on the model's device) agrees with numpy's
+    for arrays in (stored, half):
+        scale = arrays.get("scale")
+        on_torch = decode_local_torch(
+            torch.from_numpy(arrays["local"]), None if scale is None else torch.from_numpy(scale)
+        )
+        np.testing.assert_allclose(on_torch.numpy(), decode_local(arrays["local"], scale), atol=1e-6)
+        assert np.all(on_torch.numpy()[0, 0, 0] == 0)
 
 
 def test_approximate_global_indexes():

@@ -222,14 +222,15 @@ def test_rerank_order_breaks_ties_by_global_rank():
 
 
 def test_default_precision_and_compute_device(monkeypatch):
-    """The default is int8+float32 where int8 products run at least twice as fast as float32 ones,
-    else exact float32."""
+    """The default is int8+float32 on CPUs whose int8 products run at least twice as fast as float32
+    ones, else exact float32."""
     query, cands = unit_maps(5, 5, 8, seed=19), unit_maps(8, 5, 5, 8, seed=20)
     assert mnn_scores(query, cands).device.type == "cpu"
     for speedup, expected in ((3.5, "int8+float32"), (1.6, "float32")):
         monkeypatch.setattr(kernels, "int8_gemm_speedup", lambda device, s=speedup: s)
         assert default_precision(torch.device("cpu")) == expected
         assert mnn_scores(query, cands).tolist() == mnn_scores(query, cands, expected).tolist()
+        assert default_precision(torch.device("cuda")) == "float32"  # GPUs: float32 whatever int8 does
     with pytest.raises(ValueError, match="unknown precision"):
         mnn_scores(query, cands, device="cpu", precision="int4")
 

@@ -28,6 +28,7 @@ FLAGS = {
     "--tile-attribution": ("tile_attribution", str),
     "--root-path": ("root_path", str),
     "--max-connections": ("max_connections", positive_int),
+    "--resident-maps-bytes": ("resident_maps_bytes", int),
 }
 
 

@@ -23,9 +23,10 @@ import torch
 from index_builder.errors import IndexNotFound, IndexStoreError
 from index_builder.global_index import read_global_index, write_global_index
 from index_builder.manifest import MANIFEST_FILE, IndexManifest
-from index_builder.store.codec import decode_local
+from index_builder.store.codec import decode_local, decode_local_on
 from index_builder.store.files import fsync_dir, fsync_file, fsync_tree, now_iso, sha256_file
 from index_builder.store.metadata import METADATA_FILE, ImageRecord, open_metadata, record_of, write_metadata
+from index_builder.store.resident import ResidentCandidates, ResidentMaps
 from index_builder.store.shards import SHARDS, TMP_PREFIX, ShardFiles
 
 CURRENT = "CURRENT"
@@ -112,6 +113,7 @@ class IndexVersion:
         self.id_shard = np.array([shard_index[r["shard"]] for r in locations], dtype=np.int32)
         self.id_row = np.array([r["row"] for r in locations], dtype=np.int32)
         self.shards = shards
+        self.resident: ResidentMaps | None = None  # make_resident: the local maps in a GPU's memory
         # a version dropped without close() (a server swapping in a newer one) still releases its files
         self._finalizer = weakref.finalize(self, _close_version, self.shards, self.db)
 
@@ -139,8 +141,31 @@ class IndexVersion:
     def all_records(self) -> list[ImageRecord]:
         return [record_of(r) for r in self.db.execute("SELECT * FROM images ORDER BY id")]
 
-    def candidate_maps(self, ids: Sequence[int]) -> StoredMaps:
-        return StoredMaps(self, [int(i) for i in ids])
+    def candidate_maps(
+        self, ids: Sequence[int], device: torch.device | None = None
+    ) -> StoredMaps | ResidentCandidates:
+        """These images' maps for the matcher, decoded on `device` (default CPU) a chunk at a time; from
+        device memory where make_resident put them there."""
+        device = device or torch.device("cpu")
+        if self.resident is not None and self.resident.device == device:
+            return self.resident.candidates(ids)
+        return StoredMaps(self, [int(i) for i in ids], device)
+
+    def make_resident(self, device: torch.device) -> None:
+        """Copy every stored local array to `device` (see resident.py); torch.OutOfMemoryError if it
+        does not fit, the version then reading from the store as before."""
+        self.resident = ResidentMaps(self.read_stored, len(self), self.identity.local_shape, device)
+
+    def stored_local_bytes(self) -> int:
+        """Bytes of the stored local arrays (values and scales) of all images."""
+        if not self.shards:
+            return 0
+        h, w, channels = self.identity.local_shape
+        shard = self.shards[0]
+        per_image = h * w * channels * shard.local.dtype.itemsize
+        if shard.scale is not None:
+            per_image += h * w * shard.scale.dtype.itemsize
+        return per_image * len(self)
 
     def read_stored(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
         """The stored local arrays of these images (values, scales or None), in the given order."""
@@ -165,6 +190,7 @@ class IndexVersion:
         return decode_local(*self.read_stored(ids))
 
     def close(self) -> None:
+        self.resident = None  # device memory goes back now, not when the object is collected
         self._finalizer()
 
 
@@ -179,8 +205,8 @@ class StoredMaps:
     arrays of each chunk are kept, so that a second pass over some candidates (the float32 recount)
     decodes them again without reading the disk twice; about 0.46 MiB per 61x61x128 int8 candidate."""
 
-    def __init__(self, version: IndexVersion, ids: list[int]) -> None:
-        self.version, self.ids = version, ids
+    def __init__(self, version: IndexVersion, ids: list[int], device: torch.device) -> None:
+        self.version, self.ids, self.device = version, ids, device
         self._stored: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def __len__(self) -> int:
@@ -193,7 +219,7 @@ class StoredMaps:
     def load(self, indices: slice | Sequence[int]) -> torch.Tensor:
         positions = list(range(len(self.ids))[indices] if isinstance(indices, slice) else indices)
         if not positions:
-            return torch.zeros((0, *self.map_shape), dtype=torch.float32)
+            return torch.zeros((0, *self.map_shape), dtype=torch.float32, device=self.device)
         missing = [p for p in positions if p not in self._stored]
         if missing:
             values, scales = self.version.read_stored([self.ids[p] for p in missing])
@@ -202,4 +228,4 @@ class StoredMaps:
         values = np.stack([self._stored[p][0] for p in positions])
         has_scale = self._stored[positions[0]][1] is not None
         scales = np.stack([self._stored[p][1] for p in positions]) if has_scale else None
-        return torch.from_numpy(decode_local(values, scales))
+        return decode_local_on(values, scales, self.device)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.matching.fused import fused_best_matches, fused_enabled
 from model.matching.kernels import SimilarityKernel, similarity_kernel
 from model.matching.maps import CandidateMaps
 from model.matching.precision import FLOAT_DTYPES, Precision, index_bits, quantize_int8
@@ -25,6 +26,9 @@ from model.matching.reducers import BucketFloatReducer, FloatReducer, PackedIntR
 # the old reducers; with the packed-key reducers 0.25-2 MiB tiles ran 2-10x slower on the busy 2-core
 # machine, per-call overhead outweighing cache residency); GPUs want big tiles.
 DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
+# Candidates per call of the fused kernel (fused.py): 32 at 61x61x128 hold 61 MB of float32 maps and
+# 28 MB of partials, and give the GPU 960 programs.
+FUSED_CHUNK = 32
 
 
 @dataclass
@@ -55,13 +59,22 @@ def best_matches(
     bits = index_bits(l_q, l_c)
     budget = tile_elements or DEFAULT_TILE_ELEMENTS.get(device.type, DEFAULT_TILE_ELEMENTS["cuda"])
     k_step, r_step = tile_shape(k_total, l_c, l_q, budget)
-    kernel = similarity_kernel(_prepare(query.to(device)[None], precision, bits)[0], precision)
+    prepared_query = _prepare(query.to(device)[None], precision, bits)[0]
+    fused = fused_enabled(device, precision)
+    if fused:  # no tiles in memory: the chunk only bounds the loaded maps and the kernel's partials
+        k_step = FUSED_CHUNK
+    kernel = similarity_kernel(prepared_query, precision)
     reducer = _reducer(precision, kernel, l_q, r_step, bits, device)
     best_c_of_q = torch.empty(k_total, l_q, dtype=torch.int64, device=device)
     best_q_of_c = torch.empty(k_total, l_c, dtype=torch.int64, device=device)
     for k0 in range(0, k_total, k_step):
         loaded = cands.load(slice(k0, k0 + k_step)).reshape(-1, l_c, channels)
         chunk = _prepare(loaded.to(device, non_blocking=True), precision, bits)
+        if fused:
+            best_c_of_q[k0 : k0 + chunk.shape[0]], best_q_of_c[k0 : k0 + chunk.shape[0]] = fused_best_matches(
+                prepared_query, chunk
+            )
+            continue
         reducer.start(chunk.shape[0], l_c)
         for i0 in range(0, l_c, r_step):
             reducer.update(kernel(chunk[:, i0 : i0 + r_step]), i0)
