@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     root_path: str = ""  # the path prefix a reverse proxy serves us under (uvicorn's --root-path)
     max_connections: int = Field(128, ge=1, description="open connections and requests; beyond it 503")
     keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    head_timeout_s: float = Field(
+        10.0, gt=0, description="a connection that has not sent a complete request head by then is closed"
+    )
+    body_timeout_s: float = Field(
+        120.0, gt=0, description="a request body not received in full this long after its head: closed"
+    )
     build_on_start: bool = True  # build when the index is empty and references exist
     grace_seconds: float = Field(DEFAULT_GRACE_SECONDS, ge=0)
 

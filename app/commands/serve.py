@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     from app.heap import limit_arenas, return_large_blocks
     from app.main import create_app
+    from app.protocol import deadline_protocol
     from app.settings import check_exposure
     from model.loading import resolve_checkpoint
     from model.registry import is_registered
@@ -79,5 +80,6 @@ def run(args: argparse.Namespace) -> int:
         root_path=settings.root_path,
         limit_concurrency=settings.max_connections,  # beyond it uvicorn answers 503 at once
         timeout_keep_alive=settings.keep_alive_s,
+        http=deadline_protocol(settings.head_timeout_s, settings.body_timeout_s),  # app/protocol.py: why
     )
     return 0
