@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 from app.batching import MicroBatcher, QueueFull
 from app.errors import ServiceUnavailable
+from app.match_pairs import match_pairs
 from app.metrics import Metrics
 from app.rebuild import RebuildManager
+from app.reference_images import record_of
 from app.settings import Settings
 from index_builder.builder import BuildConfig, BuildProgress
 from index_builder.errors import CheckpointMismatch
@@ -34,6 +36,17 @@ class LocalizeJob:
     query: Query
     top_k: int
     rerank_k: int
+
+
+@dataclass
+class PairsJob:
+    """The matched positions of a query and one reference (/localize/pairs): a forward and one MNN
+    count, queued with the /localize queries so that it shares their bounds (queue, deadline, one
+    model thread) instead of running beside them."""
+
+    query: Query
+    reference_id: int
+    max_pairs: int
 
 
 class VPRService:
@@ -163,11 +176,44 @@ class VPRService:
         self.metrics.observe_timings(result.timings_ms.model_dump())
         return result
 
-    def _run_batch(self, jobs: Sequence[LocalizeJob]) -> list[LocalizeResult]:
+    async def pairs(self, query: Query, reference_id: int, max_pairs: int) -> dict:
+        """One PairsJob through the batcher (cost: one candidate); 404 for an id not in the index."""
+        localizer = self.localizer
+        if localizer is None:
+            raise ServiceUnavailable(self.readiness() or "no index")
+        record_of(localizer.index, reference_id)  # before queueing: a bad id costs no model time
+        try:
+            return await self.batcher.submit(PairsJob(query, reference_id, max_pairs), cost=1)
+        except QueueFull:
+            self.metrics.errors.labels("queue_full").inc()
+            raise ServiceUnavailable(
+                "too many queries waiting; retry later", retry_after_s=self.settings.retry_after_s
+            ) from None
+
+    def _run_batch(self, jobs: Sequence[LocalizeJob | PairsJob]) -> list[LocalizeResult | dict]:
         localizer = self.localizer  # one version for the whole batch
         if localizer is None:
             raise ServiceUnavailable(self.readiness() or "no index")
-        return localizer.run([j.query for j in jobs], [j.top_k for j in jobs], [j.rerank_k for j in jobs])
+        results: list[LocalizeResult | dict | None] = [None] * len(jobs)
+        batched = [i for i, job in enumerate(jobs) if isinstance(job, LocalizeJob)]
+        if batched:
+            picked = [jobs[i] for i in batched]
+            found = localizer.run(
+                [j.query for j in picked], [j.top_k for j in picked], [j.rerank_k for j in picked]
+            )
+            for i, result in zip(batched, found, strict=True):
+                results[i] = result
+        for i, job in enumerate(jobs):
+            if isinstance(job, PairsJob):
+                results[i] = match_pairs(
+                    localizer.extractor,
+                    localizer.index,
+                    job.query,
+                    job.reference_id,
+                    job.max_pairs,
+                    self.settings.precision,
+                )
+        return results
 
 
 def _has_images(references) -> bool:

@@ -33,10 +33,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Query:
-    """A decoded, preprocessed query image and what decoding it cost."""
+    """A decoded, preprocessed query image, what decoding it cost, and its (width, height) as oriented."""
 
     tensor: torch.Tensor
     decode_s: float
+    size: tuple[int, int] | None = None
 
 
 def prepare_query(
@@ -47,8 +48,8 @@ def prepare_query(
 ) -> Query:
     """Decode and preprocess one query image (CPU work, no model): ImageDecodeError if it cannot."""
     start = time.perf_counter()
-    tensor = extractor.preprocessing.load(source, name, budget)
-    return Query(tensor, time.perf_counter() - start)
+    tensor, size = extractor.preprocessing.load_sized(source, name, budget)
+    return Query(tensor, time.perf_counter() - start, size)
 
 
 class Localizer:

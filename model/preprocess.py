@@ -70,8 +70,14 @@ class Preprocessing:
         self, source: ImageSource, name: str | None = None, budget: MemoryBudget | None = None
     ) -> torch.Tensor:
         """Decode and transform one image to a (3, H, W) float32 tensor (within `budget`, if given)."""
+        return self.load_sized(source, name, budget)[0]
+
+    def load_sized(
+        self, source: ImageSource, name: str | None = None, budget: MemoryBudget | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """`load`, and the decoded image's (width, height) as oriented."""
         with decoded_rgb(source, self.exif_transpose, self.max_pixels, name, budget) as (_, rgb):
-            return self.transform(rgb)
+            return self.transform(rgb), rgb.size
 
     def transform(self, image: Image.Image) -> torch.Tensor:
         if self.resize is ResizeMode.TRAIN:

@@ -249,8 +249,13 @@ async def test_candidate_budget_and_full_queue(workspace, tiny_ckpt):
         assert (
             await client.post("/localize/batch", files=batch[:3], data={"rerank_k": "100"})
         ).status_code == 200
+        pairs = await client.post("/localize/pairs", files=files(query), data={"reference_id": "0"})
+        assert pairs.status_code == 200 and pairs.json()["mnn_matches"] > 0
         app.state.service.batcher.max_queued = 0
         full = await client.post("/localize", files=files(query))
+        assert full.status_code == 503 and full.headers["retry-after"] == "2"
+        # 'why this match' queues with the /localize queries: it ran beside them, unbounded, before
+        full = await client.post("/localize/pairs", files=files(query), data={"reference_id": "0"})
         assert full.status_code == 503 and full.headers["retry-after"] == "2"
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from app.answering import answered_in_time
 from app.dependencies import get_service, get_settings, require_localize_key, resolve_k
-from app.errors import ApiError, ServiceUnavailable
+from app.errors import ApiError
 from app.schemas import BatchResponse, ErrorResponse
 from app.service import VPRService
 from app.settings import Settings
@@ -19,8 +18,6 @@ from index_builder.results import LocalizeResult
 
 router = APIRouter(tags=["localize"], dependencies=[Depends(require_localize_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
-DISCONNECT_POLL_S = 0.25
-T = TypeVar("T")
 
 
 def _ks(
@@ -38,33 +35,6 @@ def _ks(
             f"{settings.max_candidates_per_request} per request (lower rerank_k or split the batch)",
         )
     return k, rk
-
-
-async def _answered(request: Request, settings: Settings, work: Awaitable[T]) -> T:
-    """`work`, cancelled (its queued queries dropped) when the client disconnects or the deadline
-    (request_timeout_s) passes; 503 then."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait(
-            {task, watcher}, timeout=settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    if watcher in done:
-        raise ApiError(499, "client_closed_request", "the client disconnected; the work was dropped")
-    raise ServiceUnavailable(
-        f"not answered within {settings.request_timeout_s:g} s; retry later", settings.retry_after_s
-    )
-
-
-async def _disconnected(request: Request) -> None:
-    while not await request.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_S)
 
 
 @router.post("/localize", response_model=LocalizeResult, responses=ERRORS)
@@ -85,7 +55,7 @@ async def localize(
         query = await run_in_threadpool(service.prepare, data)
         return await service.localize(query, k, rk)
 
-    return await _answered(request, settings, work())
+    return await answered_in_time(request, settings, work())
 
 
 @router.post("/localize/batch", response_model=BatchResponse, responses=ERRORS)
@@ -106,4 +76,4 @@ async def localize_batch(
         results = await asyncio.gather(*(service.localize(q, k, rk, owner) for q in queries))
         return BatchResponse(results=results)
 
-    return await _answered(request, settings, work())
+    return await answered_in_time(request, settings, work())

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from app.answering import answered_in_time
 from app.dependencies import get_service, get_settings, require_localize_key
 from app.errors import ApiError, ServiceUnavailable
-from app.match_pairs import DEFAULT_MAX_PAIRS, MAX_PAIRS_LIMIT, match_pairs
+from app.match_pairs import DEFAULT_MAX_PAIRS, MAX_PAIRS_LIMIT
 from app.schemas import ErrorResponse, PairsResponse
 from app.service import VPRService
 from app.settings import Settings
@@ -19,6 +20,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 4
 
 @router.post("/localize/pairs", response_model=PairsResponse, responses=ERRORS)
 async def pairs(
+    request: Request,
     image: UploadFile = File(..., description="the query photo"),
     reference_id: int = Form(..., ge=0, description="a match's id"),
     index_version: str | None = Form(None, description="the version the id comes from; 409 if not served"),
@@ -37,6 +39,9 @@ async def pairs(
             f"index {index_version} was replaced by {localizer.index.name}; localize again",
         )
     (data,) = await read_uploads([image], settings)
-    return await run_in_threadpool(
-        match_pairs, service.extractor, localizer.index, data, reference_id, max_pairs, settings.precision
-    )
+
+    async def work() -> dict:
+        query = await run_in_threadpool(service.prepare, data)  # within the decode memory budget
+        return await service.pairs(query, reference_id, max_pairs)
+
+    return await answered_in_time(request, settings, work())
