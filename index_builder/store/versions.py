@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,16 +64,19 @@ def publish_version(
     records: Sequence[ImageRecord],
     global_index: faiss.Index,
     manifest: IndexManifest,
+    write_extra: Callable[[Path], Sequence[str]] | None = None,
 ) -> IndexManifest:
     """Write a version aside, rename it into versions/, then swap CURRENT to it. Returns the manifest as
-    published (with its version name, time and checksums)."""
+    published (with its version name, time and checksums). `write_extra` writes more files into the
+    staging directory (a sharded version's location shards) and names them, to be checksummed too."""
     name = next_version_name(index_dir)
     versions = index_dir / VERSIONS
     staging = versions / f"{TMP_PREFIX}{name}"
     staging.mkdir(parents=True)
     write_global_index(global_index, staging / GLOBAL_INDEX_FILE)
     write_metadata(staging / METADATA_FILE, records)
-    files = {f: sha256_file(staging / f) for f in (GLOBAL_INDEX_FILE, METADATA_FILE)}
+    extra = list(write_extra(staging)) if write_extra else []
+    files = {f: sha256_file(staging / f) for f in (GLOBAL_INDEX_FILE, METADATA_FILE, *extra)}
     manifest = replace(manifest, version=name, created_at=now_iso(), files=files)
     if manifest.report is not None:
         manifest.report.version = name
