@@ -20,6 +20,7 @@ from index_builder.builder import BuildConfig, BuildProgress
 from index_builder.errors import CheckpointMismatch
 from index_builder.results import LocalizeResult
 from index_builder.search import Localizer, Query, prepare_query
+from index_builder.sharding import LocationPrior
 from index_builder.sources import scan_references
 from index_builder.store import IndexNotFound, IndexStoreError, IndexVersion
 from model.errors import SelavprError
@@ -34,6 +35,7 @@ class LocalizeJob:
     query: Query
     top_k: int
     rerank_k: int
+    prior: LocationPrior | None = None
 
 
 class VPRService:
@@ -145,14 +147,25 @@ class VPRService:
             raise ServiceUnavailable("the model is loading")
         return prepare_query(self.extractor, data, "upload", self.decode_budget)
 
+    def new_owner(self) -> int:
+        """A turn-taking identity for one request's queries (see localize)."""
+        return self.batcher.new_owner()
+
     async def localize(
-        self, query: Query, top_k: int, rerank_k: int, owner: int | None = None
+        self,
+        query: Query,
+        top_k: int,
+        rerank_k: int,
+        owner: int | None = None,
+        prior: LocationPrior | None = None,
     ) -> LocalizeResult:
         """One query through the batcher; `owner` (one per request) takes turns with other requests."""
         if self.localizer is None:
             raise ServiceUnavailable(self.readiness() or "no index")
         try:
-            result = await self.batcher.submit(LocalizeJob(query, top_k, rerank_k), owner, cost=rerank_k)
+            result = await self.batcher.submit(
+                LocalizeJob(query, top_k, rerank_k, prior), owner, cost=rerank_k
+            )
         except QueueFull:
             self.metrics.errors.labels("queue_full").inc()
             raise ServiceUnavailable(
@@ -165,7 +178,12 @@ class VPRService:
         localizer = self.localizer  # one version for the whole batch
         if localizer is None:
             raise ServiceUnavailable(self.readiness() or "no index")
-        return localizer.run([j.query for j in jobs], [j.top_k for j in jobs], [j.rerank_k for j in jobs])
+        return localizer.run(
+            [j.query for j in jobs],
+            [j.top_k for j in jobs],
+            [j.rerank_k for j in jobs],
+            [j.prior for j in jobs],
+        )
 
 
 def _has_images(references) -> bool:

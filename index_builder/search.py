@@ -86,32 +86,50 @@ class Localizer:
         """Prepared queries -> results: one model forward for all, one global search per location shard,
         then each query's merge and re-ranking. top_k, rerank_k and the location prior may differ per
         query."""
-        n = len(queries)
+        start = time.perf_counter()
+        global_desc, local = self.extractor.extract_tensors(torch.stack([q.tensor for q in queries]))
+        extract_s = time.perf_counter() - start
+        results = self.search(global_desc, local, top_k, rerank_k, priors)
+        for query, result in zip(queries, results, strict=True):
+            timings = result.timings_ms.model_dump() | {
+                "decode": query.decode_s * 1e3,
+                "extract": extract_s * 1e3,
+            }
+            timings["total"] = timings["decode"] + timings["extract"] + timings["search"] + timings["rerank"]
+            result.timings_ms = Timings(**{k: round(v, 2) for k, v in timings.items()})
+        return results
+
+    def search(
+        self,
+        global_desc: torch.Tensor,
+        local: torch.Tensor,
+        top_k: Sequence[int] | int = DEFAULT_TOP_K,
+        rerank_k: Sequence[int] | int = DEFAULT_RERANK_K,
+        priors: Sequence[LocationPrior | None] | None = None,
+    ) -> list[LocalizeResult]:
+        """Extracted features of queries (global (Q, D), local (Q, h, w, C)) -> results."""
+        n = len(global_desc)
         top_ks = [top_k] * n if isinstance(top_k, int) else list(top_k)
         rerank_ks = [rerank_k] * n if isinstance(rerank_k, int) else list(rerank_k)
         priors = list(priors) if priors is not None else [None] * n
-        start = time.perf_counter()
-        global_desc, local = self.extractor.extract_tensors(torch.stack([q.tensor for q in queries]))
         global_desc, local = global_desc.float().cpu().numpy(), local.float().cpu()
-        extracted = time.perf_counter()
+        start = time.perf_counter()
         targets = [shards_to_search(self.index, prior) for prior in priors]
         depth = max(max(rerank_ks), max(top_ks))
         tops = {k: self.searchers[k].top(global_desc, depth) for k in sorted(set().union(*targets))}
-        search_s = time.perf_counter() - extracted
+        search_s = time.perf_counter() - start
         results = []
-        for i, query in enumerate(queries):
+        for i in range(n):
             rerank_start = time.perf_counter()
             candidates = merge([tops[k][i] for k in targets[i]], max(rerank_ks[i], top_ks[i]))
             counted = rerank_counts(candidates, self._count_locally(local[i]), self.mode)
             result = answer(self.index, local[i], candidates, counted, top_ks[i], targets[i])
-            timings = {
-                "decode": query.decode_s,
-                "extract": extracted - start,
-                "search": search_s,
-                "rerank": time.perf_counter() - rerank_start,
-            }
-            timings["total"] = sum(timings.values())
-            result.timings_ms = Timings(**{k: round(v * 1e3, 2) for k, v in timings.items()})
+            rerank_s = time.perf_counter() - rerank_start
+            result.timings_ms = Timings(
+                search=round(search_s * 1e3, 2),
+                rerank=round(rerank_s * 1e3, 2),
+                total=round((search_s + rerank_s) * 1e3, 2),
+            )
             results.append(result)
         return results
 
