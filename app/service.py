@@ -39,6 +39,8 @@ class LocalizeJob:
 
 
 class VPRService:
+    rebuilds_disabled: str | None = None  # why /index/rebuild is not offered, where it is not
+
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.extractor: FeatureExtractor | None = None
@@ -138,6 +140,10 @@ class VPRService:
                 return f"an index is being built ({self.index_problem})"
             return f"no index: {self.index_problem}"
         return None
+
+    def readiness_details(self) -> dict:
+        """More for /readyz to report (the Ray engine: location shards without a replica)."""
+        return {}
 
     # --- localize ------------------------------------------------------------------------------------
 

@@ -95,13 +95,19 @@ def publish_version(
 class IndexVersion:
     """One published version, opened for searching. It stays usable while newer versions appear."""
 
-    def __init__(self, index_dir: Path, name: str) -> None:
+    def __init__(self, index_dir: Path, name: str, load_global: bool = True) -> None:
+        """load_global=False leaves the version-wide global index unread (None): a location shard's
+        server reads only its own, and a Ray router none."""
         self.index_dir, self.name = index_dir, name
         self.dir = index_dir / VERSIONS / name
         self.manifest = IndexManifest.read(self.dir)
         self.identity = self.manifest.encoding
         try:
-            self.index = read_global_index(self.dir / GLOBAL_INDEX_FILE, self.manifest.global_index)
+            self.index = (
+                read_global_index(self.dir / GLOBAL_INDEX_FILE, self.manifest.global_index)
+                if load_global
+                else None
+            )
             self.db = open_metadata(self.dir / METADATA_FILE)
             locations = self.db.execute("SELECT shard, row FROM images ORDER BY id").fetchall()
             self.shard_names = sorted({r["shard"] for r in locations})
@@ -119,12 +125,12 @@ class IndexVersion:
         self._finalizer = weakref.finalize(self, _close_version, self.shards, self.db)
 
     @classmethod
-    def open_current(cls, index_dir: str | os.PathLike) -> IndexVersion:
+    def open_current(cls, index_dir: str | os.PathLike, load_global: bool = True) -> IndexVersion:
         index_dir = Path(index_dir)
         name = current_version_name(index_dir)
         if name is None:
             raise IndexNotFound(f"no published index yet ({NO_INDEX_HINT})")
-        return cls(index_dir, name)
+        return cls(index_dir, name, load_global)
 
     def __len__(self) -> int:
         return len(self.id_row)
