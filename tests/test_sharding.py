@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from index_builder.builder import BuildConfig, build_index
+from index_builder.builder import BuildConfig
 from index_builder.global_index import GlobalIndexConfig
 from index_builder.s2cells import leaf_cell_id
 from index_builder.search import Localizer
@@ -27,9 +26,9 @@ from index_builder.sharding import (
     shards_for,
 )
 from index_builder.store import IndexVersion
-from model.extractor import FeatureExtractor
 from model.matching import mnn_scores
 from model.matching.precision import Precision
+from tests.helpers import place_location
 
 # --- S2 cell ids ------------------------------------------------------------------------------------
 
@@ -230,41 +229,10 @@ def test_a_shard_that_does_not_answer_is_missing_and_its_candidates_marked():
 
 # --- the sharded index on the shared images ---------------------------------------------------------
 
-PLACE_LAT, PLACE_LON = -27.4772, 153.0281  # GardensPoint, Brisbane; places 100 m apart going north
-
-
-def _place_location(place: int) -> tuple[float, float]:
-    return PLACE_LAT + place * 0.0009, PLACE_LON
-
 
 @pytest.fixture(scope="module")
-def shared_indexes(tmp_path_factory, shared_data):
-    """The 32 shared images (the triplets with a location per place, the Tokyo pair without) indexed
-    unsharded, then re-published with 2 and 4 location shards from the same features."""
-    root = tmp_path_factory.mktemp("sharded")
-    refs = root / "refs"
-    shutil.copytree(shared_data / "matching_triplets", refs / "matching_triplets")
-    shutil.copytree(shared_data / "tokyo_pair", refs / "tokyo_pair")
-    rows = ["path,lat,lon"]
-    for path in sorted((refs / "matching_triplets").glob("p*/i*/*.jpg")):
-        lat, lon = _place_location(int(path.parts[-3][1:]))
-        rows.append(f"{path.relative_to(refs).as_posix()},{lat},{lon}")
-    (refs / "locations.csv").write_text("\n".join(rows) + "\n")
-    extractor = FeatureExtractor.from_checkpoint("default", device="cpu")
-    dirs = {}
-    for shards in (1, 2, 4):
-        index_dir = root / f"index-{shards}"
-        if shards > 1:
-            shutil.copytree(root / "index-1", index_dir)
-        report = build_index(
-            BuildConfig(references=refs, index_dir=index_dir, shards=shards), extractor=extractor
-        )
-        assert report.total == 32 and (shards == 1 or report.encoded == 0)
-        dirs[shards] = index_dir
-    queries = sorted(refs.glob("*/p*/i*/*.jpg")) + sorted((refs / "tokyo_pair").glob("*"))
-    tensors = torch.stack([extractor.preprocessing.load(p) for p in queries])
-    features = extractor.extract_tensors(tensors)
-    return dirs, extractor, queries, features
+def shared_indexes(sharded_shared_indexes):
+    return sharded_shared_indexes
 
 
 def _comparable(result) -> dict:
@@ -304,7 +272,7 @@ def test_a_prior_searches_only_the_nearby_shards(shared_indexes):
     version = IndexVersion.open_current(dirs[4])
     localizer = Localizer(version, extractor)
     by_id = {r.id: r for r in version.all_records()}
-    lat, lon = _place_location(0)
+    lat, lon = place_location(0)
     prior = LocationPrior(lat, lon, 30.0)  # place 0 only: the next is 100 m away
     (result,) = localizer.search(global_desc[:1], local[:1], 32, 32, [prior])
     near = shards_for(version.manifest.location_shards, prior)
@@ -319,7 +287,7 @@ def test_a_prior_searches_only_the_nearby_shards(shared_indexes):
     far = LocationPrior(35.0, 139.0, 1_000.0)
     (nothing,) = localizer.search(global_desc[:1], local[:1], 5, 10, [far])
     assert nothing.matches == [] and nothing.coverage == 1.0 and not nothing.partial
-    assert math.isclose(haversine_m(lat, lon, *_place_location(1)), 100.0, rel_tol=0.01)
+    assert math.isclose(haversine_m(lat, lon, *place_location(1)), 100.0, rel_tol=0.01)
 
 
 def test_sharding_needs_exact_search_and_a_sane_count(tmp_path):

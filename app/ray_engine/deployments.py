@@ -32,6 +32,8 @@ from model.extractor import FeatureExtractor
 from model.matching.precision import Precision
 
 log = logging.getLogger(__name__)
+# Queries from several ingress replicas arrive one by one: wait this long to batch them together.
+ENCODER_MIN_WAIT_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -62,9 +64,18 @@ class Encoder:
         index = IndexVersion(settings.index_dir, version, load_global=False)
         check_compatible(index, self.extractor)  # refuse to start rather than answer wrongly
         index.close()
+        # Batched per replica (not with a class decorator): the batch size is the service's setting, and
+        # the queue belongs to this replica alone.
+        self._batched = serve.batch(
+            max_batch_size=settings.max_batch_size,
+            batch_wait_timeout_s=max(settings.max_batch_wait_ms / 1e3, ENCODER_MIN_WAIT_S),
+        )(self._forward)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def encode(self, tensors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def encode(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One preprocessed query (3, H, W) -> (global (D,), local (h, w, C))."""
+        return await self._batched(tensor)
+
+    async def _forward(self, tensors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         global_desc, local = self.extractor.extract_tensors(torch.from_numpy(np.stack(tensors)))
         global_desc, local = global_desc.cpu().numpy(), local.cpu().numpy()
         return [(global_desc[i], local[i]) for i in range(len(tensors))]
