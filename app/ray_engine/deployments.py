@@ -12,6 +12,7 @@ another version is never mixed in.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,8 +107,9 @@ class ShardServer:
         counts = self.searcher.counts(torch.from_numpy(query_local), ids.tolist(), Precision(mode))
         return ShardReply(self.index.name, counts.numpy())
 
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> int:
+        """Alive: this replica's process id (tests kill it by that id)."""
+        return os.getpid()
 
 
 @serve.deployment
@@ -154,3 +156,12 @@ def build_application(settings: Settings, engine: RayEngineConfig = RayEngineCon
     return Ingress.options(name="ingress", num_replicas=engine.ingress_replicas, ray_actor_options=cpus).bind(
         settings, version, encoder, shards
     )
+
+
+def application_builder(args: dict) -> object:
+    """For Serve config files and KubeRay (`import_path: app.ray_engine.deployments:application_builder`):
+    `args` holds Settings fields (index_dir, checkpoint, device, api_key, ...; SELAVPR_* variables fill in
+    the rest) and, under `engine`, RayEngineConfig fields."""
+    args = dict(args)
+    engine = RayEngineConfig(**args.pop("engine", {}))
+    return build_application(Settings(**args), engine)
