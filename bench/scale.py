@@ -249,7 +249,8 @@ def run(args: argparse.Namespace) -> dict:
             assert not result.partial and len(result.matches) == args.top_k
         # which shards the candidates of a query came from (random descriptors: spread over all)
         tops = [
-            h.top.remote(features[0][0][None], args.rerank_k).result(timeout_s=120).value[0] for h in handles
+            h.top.remote(features[0][0][None], args.rerank_k, version).result(timeout_s=120).value[0]
+            for h in handles
         ]
         merged = sorted(
             (s, i, k) for k, (scores, ids) in enumerate(tops) for s, i in zip(-scores, ids, strict=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from model.extractor import FeatureExtractor
 from model.matching.precision import Precision
 
 log = logging.getLogger(__name__)
+KEEP_VERSIONS = 2  # a shard keeps the previous version open for the queries still using it
 # Queries from several ingress replicas arrive one by one: wait this long to batch them together.
 ENCODER_MIN_WAIT_S = 0.005
 
@@ -84,28 +86,42 @@ class Encoder:
 
 @serve.deployment
 class ShardServer:
-    """One location shard: its exact global top-N, and the MNN counts of its own candidates."""
+    """One location shard: its exact global top-N, and the MNN counts of its own candidates, for the
+    version each call names. The last KEEP_VERSIONS versions stay open, so that when a new one is
+    published, queries already under way on the previous one still finish; a version not yet open is
+    opened on its first call."""
 
     def __init__(self, index_dir: str, version: str, position: int, precision: str | None) -> None:
         del precision  # the router picks the precision of each counting call (shard_search.rerank_counts)
-        index = IndexVersion(Path(index_dir), version, load_global=False)
-        sharded = bool(index.manifest.location_shards)
-        if not sharded:  # the whole index is this one shard: it needs the version's global index
-            index.close()
-            index = IndexVersion(Path(index_dir), version)
-        self.index = index
-        self.searcher = (
-            ShardSearcher.open(self.index, position) if sharded else ShardSearcher.whole(self.index)
-        )
-        log.info("%s serving %d references of %s", shard_key(position), len(self.searcher), version)
+        self.index_dir, self.position = Path(index_dir), position
+        self.searchers: dict[str, ShardSearcher] = {}
+        self._opening = threading.Lock()
+        self.load(version)
 
-    def top(self, global_desc: np.ndarray, k: int) -> ShardReply:
-        tops = self.searcher.top(global_desc, k)
-        return ShardReply(self.index.name, [(c.scores, c.ids) for c in tops])
+    def load(self, version: str) -> list[str]:
+        """Open a version's part of this shard (if not open yet); returns the versions open."""
+        with self._opening:
+            if version not in self.searchers:
+                self.searchers[version] = _open_shard(self.index_dir, version, self.position)
+                log.info("%s opened %s", shard_key(self.position), version)
+                for old in list(self.searchers)[:-KEEP_VERSIONS]:
+                    del self.searchers[old]  # closed when the last query holding it ends
+            return list(self.searchers)
 
-    def counts(self, query_local: np.ndarray, ids: np.ndarray, mode: str) -> ShardReply:
-        counts = self.searcher.counts(torch.from_numpy(query_local), ids.tolist(), Precision(mode))
-        return ShardReply(self.index.name, counts.numpy())
+    def _searcher(self, version: str) -> ShardSearcher:
+        searcher = self.searchers.get(version)
+        if searcher is None:
+            self.load(version)
+            searcher = self.searchers[version]
+        return searcher
+
+    def top(self, global_desc: np.ndarray, k: int, version: str) -> ShardReply:
+        tops = self._searcher(version).top(global_desc, k)
+        return ShardReply(version, [(c.scores, c.ids) for c in tops])
+
+    def counts(self, query_local: np.ndarray, ids: np.ndarray, mode: str, version: str) -> ShardReply:
+        counts = self._searcher(version).counts(torch.from_numpy(query_local), ids.tolist(), Precision(mode))
+        return ShardReply(version, counts.numpy())
 
     def ping(self) -> int:
         """Alive: this replica's process id (tests kill it by that id)."""
@@ -124,6 +140,18 @@ class Ingress:
         return create_app(
             self.settings, lambda s, m: RayVPRService(s, m, self.version, self.encoder, self.shards)
         )
+
+
+def _open_shard(index_dir: Path, version: str, position: int) -> ShardSearcher:
+    index = IndexVersion(index_dir, version, load_global=False)
+    shards = len(index.manifest.location_shards)
+    if shards:
+        if position >= shards:
+            index.close()
+            raise ValueError(f"{version} has {shards} location shards, not {shard_key(position)}")
+        return ShardSearcher.open(index, position)
+    index.close()  # unsharded: the whole index is this one shard, with the version's global index
+    return ShardSearcher.whole(IndexVersion(index_dir, version))
 
 
 def published_version(index_dir: Path) -> tuple[str, int]:

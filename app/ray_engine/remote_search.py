@@ -126,7 +126,8 @@ class RemoteLocalizer:
         depth = max(max(rerank_ks), max(top_ks))
         wanted = sorted(set().union(*targets))
         tops, missing_top = self._call_all(
-            "top", {k: (lambda k=k: self.shards[k].top.remote(global_desc, depth)) for k in wanted}
+            "top",
+            {k: (lambda k=k: self.shards[k].top.remote(global_desc, depth, self.index.name)) for k in wanted},
         )
         search_s = time.perf_counter() - extracted
         results = []
@@ -155,7 +156,11 @@ class RemoteLocalizer:
     def _count_remotely(self, query_local: np.ndarray):
         def count(ids_by_shard: Mapping[int, np.ndarray], mode: Precision) -> dict[int, torch.Tensor]:
             calls = {
-                k: (lambda k=k, ids=ids: self.shards[k].counts.remote(query_local, ids, str(mode)))
+                k: (
+                    lambda k=k, ids=ids: self.shards[k].counts.remote(
+                        query_local, ids, str(mode), self.index.name
+                    )
+                )
                 for k, ids in ids_by_shard.items()
             }
             answers, _ = self._call_all("counts", calls)
