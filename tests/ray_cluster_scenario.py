@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ import httpx
 from tests.servers import serve_process
 
 KILLED_SHARD = "shard-01"
+REMOVED_VIEW = "matching_triplets/p9/i2"  # the references the rebuild under traffic leaves out
 SCORE_TOLERANCE = 1.5e-6  # one unit of the 6th decimal the scores are rounded to, and float noise
 
 
@@ -135,6 +137,64 @@ def _kill_under_traffic(client, base, queries, deadline_s: float) -> dict:
     }
 
 
+def _rebuild_under_traffic(client, base, queries, config: dict, run: dict) -> dict:
+    """Queries in a loop while `selavpr index build` publishes a version without one place's third
+    view (from a copy of the references: the queries keep their files); the loop goes on until the
+    answers come from the new version."""
+    answers: list[dict] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        i = 0
+        while not stop.is_set():
+            status, body, elapsed = _post(client, base, Path(queries[i % len(queries)]))
+            answers.append(
+                {
+                    "status": status,
+                    "partial": body.get("partial"),
+                    "version": body.get("index_version"),
+                    "paths": [m["path"] for m in body.get("matches", [])],
+                    "elapsed_s": elapsed,
+                }
+            )
+            i += 1
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        removed = Path(config["rebuild_references"]) / REMOVED_VIEW
+        for image in removed.iterdir():
+            image.unlink()
+        removed.rmdir()
+        command = [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "index",
+            "build",
+            "--references",
+            config["rebuild_references"],
+        ]
+        command += ["--index-dir", run["index_dir"], "--device", "cpu"]
+        environment = {**os.environ, "SELAVPR_CACHE_DIR": config["cache_dir"]}
+        build = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+        published = (
+            json.loads(build.stdout.strip().splitlines()[-1])["version"] if build.returncode == 0 else None
+        )
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not any(a["version"] == published for a in answers[-3:]):
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+    return {
+        "build_returncode": build.returncode,
+        "build_stderr": build.stderr[-2000:],
+        "published": published,
+        "answers": answers,
+    }
+
+
 def main(config_path: str, report_path: str) -> None:
     config = json.loads(Path(config_path).read_text())
     report: dict = {"runs": []}
@@ -169,6 +229,7 @@ def main(config_path: str, report_path: str) -> None:
                 entry["compare_after"] = _compare_all(
                     client, base, config["queries"][:6], config["expected"], references
                 )
+                entry["rebuild"] = _rebuild_under_traffic(client, base, config["queries"], config, run)
                 entry["metrics"] = [
                     line
                     for line in client.get(f"{base}/metrics").text.splitlines()

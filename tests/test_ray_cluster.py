@@ -4,7 +4,8 @@ without usage statistics or dashboard, its replicas reserving no CPU. Every shar
 equal the single-process answer on a 2-shard and a 4-shard index (ids, order, MNN counts, location; the
 global scores to their 6th decimal, see ray_cluster_scenario._compare_all); a shard replica killed
 under traffic must give partial answers, never a 5xx nor a wait past the deadlines, then complete answers
-once Ray has restarted it. Nothing the test starts may outlive it.
+once Ray has restarted it; a rebuild published under traffic is served without a failed or partial
+answer. Nothing the test starts may outlive it.
 
 About 3 minutes on the project's 2-core machine; needs root, `unshare` and `ip` (CI has them).
 """
@@ -73,18 +74,23 @@ def test_ray_cluster_answers_exactly_and_survives_a_killed_shard(
         answer = single.localize(path, path.name, 5).model_dump(mode="json")
         key = path.relative_to(references).as_posix()
         expected[key] = {k: v for k, v in answer.items() if k not in ("timings_ms", "index_version")}
+    # the run that rebuilds serves copies: the session's indexes and references stay as they are
+    rebuild_refs, rebuild_index = tmp_path / "refs", tmp_path / "index-2"
+    shutil.copytree(references, rebuild_refs)
+    shutil.copytree(dirs[2], rebuild_index)
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay short
     config = {
         "queries": [str(p) for p in queries],
         "expected": expected,
         "references": str(references),
+        "rebuild_references": str(rebuild_refs),
         "cache_dir": str(isolated_cache),
         "ray_tmp": str(ray_tmp),
         "log_dir": str(tmp_path),
         "shard_timeout_s": SHARD_TIMEOUT_S,
         "recovery_s": RECOVERY_S,
         "runs": [
-            {"shards": 2, "index_dir": str(dirs[2]), "kill": True},
+            {"shards": 2, "index_dir": str(rebuild_index), "kill": True},
             {"shards": 4, "index_dir": str(dirs[4])},
         ],
     }
@@ -133,6 +139,15 @@ def test_ray_cluster_answers_exactly_and_survives_a_killed_shard(
     assert kill["recovered_after_s"] is not None, "answers never became complete again"
     assert runs[2]["compare_after"]["mismatches"] == []
     assert any(line.startswith("selavpr_shard_partial_answers") for line in runs[2]["metrics"])
+    rebuild = runs[2]["rebuild"]
+    assert rebuild["build_returncode"] == 0, rebuild["build_stderr"]
+    versions = [a["version"] for a in rebuild["answers"]]
+    assert rebuild["published"] in versions, "the published version was never served"
+    assert all(a["status"] == 200 and a["partial"] is False for a in rebuild["answers"]), rebuild["answers"]
+    switched = versions.index(rebuild["published"])
+    assert set(versions[switched:]) == {rebuild["published"]}  # no answer from the old version after
+    removed = "matching_triplets/p9/i2/"
+    assert not any(p.startswith(removed) for a in rebuild["answers"][switched:] for p in a["paths"])
 
 
 def _summary(report: dict) -> dict:
@@ -152,6 +167,8 @@ def _summary(report: dict) -> dict:
                 "partial": sum(1 for a in answers if a["partial"]),
                 "recovered_after_s": run["kill"]["recovered_after_s"],
                 "slowest_s": round(max(a["elapsed_s"] for a in answers), 2),
+                "answers_during_rebuild": len(run["rebuild"]["answers"]),
+                "slowest_during_rebuild_s": round(max(a["elapsed_s"] for a in run["rebuild"]["answers"]), 2),
             }
         out[f"shards_{run['shards']}"] = item
     return out

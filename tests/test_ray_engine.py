@@ -5,6 +5,7 @@ strict), a failed call is retried once, and the metrics and /readyz say which sh
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -197,3 +198,36 @@ def test_engine_ray_without_ray_says_how_to_install_it(monkeypatch, capsys, tmp_
     assert main(["serve", "--engine", "ray", "--index-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--engine ray needs Ray Serve" in err and 'pip install -e ".[ray]"' in err
+
+
+def test_a_newly_published_version_is_served_without_a_failed_request(
+    serve, sharded_shared_indexes, tmp_path
+):
+    from index_builder.builder import BuildConfig, build_index
+
+    dirs, extractor, queries, _ = sharded_shared_indexes
+    refs, index_dir = tmp_path / "refs", tmp_path / "index"
+    shutil.copytree(queries[0].parents[3], refs)
+    shutil.copytree(dirs[2], index_dir)
+    before = current_version_name(index_dir)
+    with TestClient(_deploy(serve, index_dir, before, 2)) as client:
+        removed = refs / "matching_triplets/p9/i2"
+        shutil.rmtree(removed)
+        build_index(BuildConfig(references=refs, index_dir=index_dir), extractor=extractor)
+        after = current_version_name(index_dir)
+        assert after != before
+        seen, deadline = [], time.monotonic() + 30
+        while not seen or seen[-1] != after:
+            response = _post(client, queries[27], top_k="32", rerank_k="32")
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["partial"] is False and body["coverage"] == 1.0
+            seen.append(body["index_version"])
+            assert time.monotonic() < deadline, f"still serving {seen[-1]}"
+        assert set(seen) <= {before, after}
+        assert client.get("/readyz").json()["index_version"] == after
+        single = Localizer(IndexVersion.open_current(index_dir), extractor)
+        expected = single.localize(queries[27], queries[27].name, 32, 32).model_dump(mode="json")
+        assert _comparable(body) == _comparable(expected)
+        assert not any(m["path"].startswith("matching_triplets/p9/i2/") for m in body["matches"])
+        assert len(body["matches"]) == 31
