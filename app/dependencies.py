@@ -9,6 +9,7 @@ from fastapi import Header, Request
 from app.errors import ApiError
 from app.service import VPRService
 from app.settings import Settings
+from index_builder.sharding import LocationPrior
 
 
 def get_service(request: Request) -> VPRService:
@@ -48,3 +49,42 @@ def resolve_k(request: Request, name: str, form_value: int | None, default: int,
     if not 1 <= number <= maximum:
         raise ApiError(422, "validation_error", f"{name}: {number} is outside 1..{maximum}")
     return number
+
+
+def _query_or_form(request: Request, name: str, form_value):
+    return form_value if form_value is not None else request.query_params.get(name)
+
+
+def resolve_prior(
+    request: Request, lat: float | None, lon: float | None, radius_m: float | None
+) -> LocationPrior | None:
+    """The optional location prior (form or query fields lat, lon, radius_m: all three or none); 422
+    when incomplete or out of range."""
+    given = {
+        name: _query_or_form(request, name, value)
+        for name, value in (("lat", lat), ("lon", lon), ("radius_m", radius_m))
+    }
+    present = [name for name, value in given.items() if value is not None]
+    if not present:
+        return None
+    if len(present) < 3:
+        missing = ", ".join(name for name in given if name not in present)
+        raise ApiError(
+            422, "validation_error", f"a location prior needs lat, lon and radius_m; missing {missing}"
+        )
+    try:
+        return LocationPrior(**{name: float(value) for name, value in given.items()})
+    except (TypeError, ValueError) as exc:
+        raise ApiError(422, "validation_error", str(exc)) from None
+
+
+def resolve_strict(request: Request, form_value: bool | None) -> bool:
+    """`strict` (form or query): a partial answer becomes 503 with Retry-After."""
+    value = _query_or_form(request, "strict", form_value)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ApiError(422, "validation_error", f"strict: {value!r} is not a boolean")

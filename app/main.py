@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -20,11 +21,16 @@ ADMIN_ROUTES = frozenset({("POST", "/index/rebuild"), ("POST", "/index/images")}
 LOCALIZE_ROUTES = frozenset({("POST", "/localize"), ("POST", "/localize/batch"), ("POST", "/localize/pairs")})
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    service_factory: Callable[[Settings, Metrics], VPRService] = VPRService,
+) -> FastAPI:
+    """The HTTP API over a service: the single-process one by default, the Ray engine's router with
+    `--engine ray` (app/ray_engine), behind the same routers, limits and API keys."""
     settings = settings or Settings()
     check_exposure(settings)
     metrics = Metrics()
-    service = VPRService(settings, metrics)
+    service = service_factory(settings, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

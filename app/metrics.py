@@ -48,6 +48,29 @@ class Metrics:
             registry=r,
         )
         self.rebuilds = Counter("selavpr_rebuilds", "Finished rebuilds", ["outcome"], registry=r)
+        # Location shards served by other processes (`serve --engine ray`): one series per shard.
+        self.shard_seconds = Histogram(
+            "selavpr_shard_call_seconds",
+            "Latency of one call to a location shard that answered",
+            ["shard", "call"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shard_failures = Counter(
+            "selavpr_shard_failures",
+            "Calls to a location shard that failed or passed their deadline (each try)",
+            ["shard", "kind"],
+            registry=r,
+        )
+        self.shard_partial = Counter(
+            "selavpr_shard_partial_answers",
+            "Answers given without this location shard (it failed its call and the retry)",
+            ["shard"],
+            registry=r,
+        )
+        self.partial_answers = Counter(
+            "selavpr_partial_answers", "Answers flagged partial (some location shard missing)", registry=r
+        )
 
     def observe_timings(self, timings_ms: dict[str, float]) -> None:
         for stage in STAGES:

@@ -22,6 +22,7 @@ from index_builder.builder import BuildConfig, BuildProgress
 from index_builder.errors import CheckpointMismatch
 from index_builder.results import LocalizeResult
 from index_builder.search import Localizer, Query, prepare_query
+from index_builder.sharding import LocationPrior
 from index_builder.sources import scan_references
 from index_builder.store import IndexNotFound, IndexStoreError, IndexVersion
 from model.errors import SelavprError
@@ -36,6 +37,7 @@ class LocalizeJob:
     query: Query
     top_k: int
     rerank_k: int
+    prior: LocationPrior | None = None
 
 
 @dataclass
@@ -50,6 +52,8 @@ class PairsJob:
 
 
 class VPRService:
+    rebuilds_disabled: str | None = None  # why /index/rebuild is not offered, where it is not
+
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.extractor: FeatureExtractor | None = None
@@ -152,6 +156,10 @@ class VPRService:
             return f"no index: {self.index_problem}"
         return None
 
+    def readiness_details(self) -> dict:
+        """More for /readyz to report (the Ray engine: location shards without a replica)."""
+        return {}
+
     # --- localize ------------------------------------------------------------------------------------
 
     def prepare(self, data: bytes) -> Query:
@@ -160,14 +168,25 @@ class VPRService:
             raise ServiceUnavailable("the model is loading")
         return prepare_query(self.extractor, data, "upload", self.decode_budget)
 
+    def new_owner(self) -> int:
+        """A turn-taking identity for one request's queries (see localize)."""
+        return self.batcher.new_owner()
+
     async def localize(
-        self, query: Query, top_k: int, rerank_k: int, owner: int | None = None
+        self,
+        query: Query,
+        top_k: int,
+        rerank_k: int,
+        owner: int | None = None,
+        prior: LocationPrior | None = None,
     ) -> LocalizeResult:
         """One query through the batcher; `owner` (one per request) takes turns with other requests."""
         if self.localizer is None:
             raise ServiceUnavailable(self.readiness() or "no index")
         try:
-            result = await self.batcher.submit(LocalizeJob(query, top_k, rerank_k), owner, cost=rerank_k)
+            result = await self.batcher.submit(
+                LocalizeJob(query, top_k, rerank_k, prior), owner, cost=rerank_k
+            )
         except QueueFull:
             self.metrics.errors.labels("queue_full").inc()
             raise ServiceUnavailable(
@@ -197,16 +216,13 @@ class VPRService:
         results: list[LocalizeResult | dict | None] = [None] * len(jobs)
         batched = [i for i, job in enumerate(jobs) if isinstance(job, LocalizeJob)]
         if batched:
-            picked = [jobs[i] for i in batched]
-            found = localizer.run(
-                [j.query for j in picked], [j.top_k for j in picked], [j.rerank_k for j in picked]
-            )
+            found = self._localize_batch(localizer, [jobs[i] for i in batched])
             for i, result in zip(batched, found, strict=True):
                 results[i] = result
         for i, job in enumerate(jobs):
             if isinstance(job, PairsJob):
                 results[i] = match_pairs(
-                    localizer.extractor,
+                    self.extractor,
                     localizer.index,
                     job.query,
                     job.reference_id,
@@ -214,6 +230,15 @@ class VPRService:
                     self.settings.precision,
                 )
         return results
+
+    def _localize_batch(self, localizer: Localizer, jobs: Sequence[LocalizeJob]) -> list[LocalizeResult]:
+        """The batch's /localize queries, in one model forward (the Ray engine sends them to its encoder)."""
+        return localizer.run(
+            [j.query for j in jobs],
+            [j.top_k for j in jobs],
+            [j.rerank_k for j in jobs],
+            [j.prior for j in jobs],
+        )
 
 
 def _has_images(references) -> bool:

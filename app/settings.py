@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         60.0, gt=0, description="a /localize request not answered by then gets 503; its work is dropped"
     )
     retry_after_s: int = Field(2, ge=1, description="the Retry-After of a 503 for a full queue")
+    shard_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="--engine ray: each try of a call to a location shard or the encoder (one retry)",
+    )
 
     api_key: str | None = None  # required in X-API-Key by every state-changing /index call
     localize_api_key: str | None = None  # required by /localize when set

@@ -34,6 +34,7 @@ from index_builder.locations import (
     read_location_csvs,
 )
 from index_builder.manifest import BuildReport, CheckpointRecord, EncodingIdentity, IndexManifest, ShardEntry
+from index_builder.sharding import MAX_SHARDS, Partition, Reference, partition
 from index_builder.sources import ReferenceImage, content_hash, scan_references
 from index_builder.store import (
     DEFAULT_GRACE_SECONDS,
@@ -54,12 +55,15 @@ from index_builder.store import (
     remove_unfinished,
     write_shard,
 )
+from index_builder.store.location_shards import write_location_shards
 from model.config import FeatureBlock
 from model.errors import ImageDecodeError
 from model.extractor import FeatureExtractor
 from model.preprocess import open_rgb
 
 log = logging.getLogger(__name__)
+# Merging per-shard top-N lists gives the unsharded answer only when each list is exact.
+_EXACT_SHARDS_ONLY = "a sharded index needs exact per-shard search (--global-index flat), not {kind}"
 
 
 @dataclass
@@ -79,6 +83,13 @@ class BuildConfig:
     local_dtype: str = DEFAULT_LOCAL_DTYPE
     global_index: GlobalIndexConfig = field(default_factory=GlobalIndexConfig)
     grace_seconds: float = DEFAULT_GRACE_SECONDS  # superseded versions stay for readers that opened them
+    shards: int | None = None  # location shards; None: as many as the published version has (1: none)
+
+    def __post_init__(self) -> None:
+        if self.shards is not None and not 1 <= self.shards <= MAX_SHARDS:
+            raise ValueError(f"--shards must be between 1 and {MAX_SHARDS}, got {self.shards}")
+        if (self.shards or 1) > 1 and self.global_index.kind != "flat":
+            raise ValueError(_EXACT_SHARDS_ONLY.format(kind=self.global_index.kind))
 
 
 @dataclass
@@ -166,6 +177,7 @@ def build_index(
             skipped_files=[{"path": p, "reason": why} for p, why in skipped],
             location_problems=location_problems,
         )
+        partition = _location_partition(config, previous, records)
         manifest = IndexManifest(
             encoding=identity,
             checkpoint=CheckpointRecord(
@@ -179,9 +191,20 @@ def build_index(
             global_index=config.global_index,
             shards=[_shard_entry(index_dir, s) for s in shards],
             report=report,
+            location_shards=partition.shards if partition else [],
         )
+
+        def write_location_files(version_dir: Path) -> list[str]:
+            if partition is None:
+                return []
+            return write_location_shards(version_dir, partition, global_desc, config.global_index)
+
         published = publish_version(
-            index_dir, records, build_global_index(global_desc, config.global_index), manifest
+            index_dir,
+            records,
+            build_global_index(global_desc, config.global_index),
+            manifest,
+            write_location_files,
         )
         report.version = published.version
         if previous:
@@ -199,6 +222,22 @@ def build_index(
         progress.phase, progress.done, progress.total = "done", len(records), len(records)
         notify(progress)
         return report
+
+
+def _location_partition(
+    config: BuildConfig, previous: IndexVersion | None, records: Sequence[ImageRecord]
+) -> Partition | None:
+    """How the references split into location shards; None for an index that is not sharded. A build
+    that does not say keeps the published version's number of shards."""
+    shards = config.shards
+    if shards is None:
+        shards = len(previous.manifest.location_shards) if previous else 1
+    if shards <= 1:
+        return None
+    if config.global_index.kind != "flat":
+        raise ValueError(_EXACT_SHARDS_ONLY.format(kind=config.global_index.kind))
+    references = [Reference(r.id, r.content_hash, r.lat, r.lon) for r in records]
+    return partition(references, shards)
 
 
 def encoding_identity(extractor: FeatureExtractor, local_dtype: str) -> EncodingIdentity:

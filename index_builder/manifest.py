@@ -3,7 +3,9 @@
     versions/v000007/manifest.json
 
 `encoding` says what the features were computed with (indexes of different encodings never mix),
-`checkpoint` what to load to search it, `shards` which feature shards it uses, `report` how it was built.
+`checkpoint` what to load to search it, `shards` which feature shards it uses, `report` how it was built,
+`location_shards` (empty unless built with `--shards N`) how its references are split into location
+shards, each with its own global index (`shard-00.faiss`) and ids (`shard-00.ids.npy`) in the version.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from index_builder.errors import IndexNotFound
 from index_builder.global_index import GlobalIndexConfig
+from index_builder.sharding import ShardPlan
 from model.config import FINAL, FeatureBlock
 
 FORMAT = "selavpr-index"
@@ -97,6 +100,7 @@ class IndexManifest:
     global_index: GlobalIndexConfig
     shards: list[ShardEntry]
     report: BuildReport | None = None
+    location_shards: list[ShardPlan] = field(default_factory=list)  # empty: one index, not sharded
     # set when the version is published
     version: str = ""
     created_at: str = ""
@@ -117,6 +121,7 @@ class IndexManifest:
             global_index=GlobalIndexConfig(**data["global_index"]),
             shards=[ShardEntry(**s) for s in data["shards"]],
             report=BuildReport.from_dict(report) if report else None,
+            location_shards=[ShardPlan.from_dict(s) for s in data.get("location_shards", [])],
             version=data["version"],
             created_at=data["created_at"],
             files=dict(data["files"]),

@@ -44,3 +44,12 @@ class LocalizeResult(BaseModel):
     location: EstimatedLocation | None
     index_version: str
     timings_ms: Timings = Field(default_factory=Timings)
+    partial: bool = Field(
+        False, description="true when a location shard did not answer in time: its references are missing"
+    )
+    missing_shards: list[str] = Field(
+        default_factory=list, description="the location shards that did not answer (e.g. shard-03)"
+    )
+    coverage: float = Field(
+        1.0, description="share of the searched references (all, or those a location prior selects) answered"
+    )

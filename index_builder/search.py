@@ -9,11 +9,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from index_builder.errors import CheckpointMismatch
-from index_builder.global_index import search as global_search
 from index_builder.results import (
     DEFAULT_RERANK_K,
     DEFAULT_TOP_K,
@@ -22,10 +20,21 @@ from index_builder.results import (
     Match,
     Timings,
 )
+from index_builder.shard_search import (
+    Candidates,
+    CountFn,
+    RerankCounts,
+    merge,
+    rerank_counts,
+    searchers_of,
+    shards_to_search,
+)
+from index_builder.sharding import LocationPrior, shard_key
 from index_builder.store import ImageRecord, IndexVersion
 from model.extractor import FeatureExtractor, resolve_device
 from model.loading import load_model
-from model.matching import mnn_scores, rerank_order
+from model.matching import rerank_order
+from model.matching.defaults import resolve_precision
 from model.preprocess import ImageSource, MemoryBudget
 
 log = logging.getLogger(__name__)
@@ -64,6 +73,8 @@ class Localizer:
         take at most this much (re-ranking then reads nothing per query)."""
         check_compatible(index, extractor)
         self.index, self.extractor, self.precision = index, extractor, precision
+        self.mode = resolve_precision(precision, extractor.device)
+        self.searchers = searchers_of(index)
         if extractor.device.type != "cpu" and 0 < index.stored_local_bytes() <= resident_max_bytes:
             make_resident(index, extractor.device)
 
@@ -82,32 +93,56 @@ class Localizer:
         queries: Sequence[Query],
         top_k: Sequence[int] | int = DEFAULT_TOP_K,
         rerank_k: Sequence[int] | int = DEFAULT_RERANK_K,
+        priors: Sequence[LocationPrior | None] | None = None,
     ) -> list[LocalizeResult]:
-        """Prepared queries -> results: one model forward for all, one global search, then each query's
-        re-ranking. top_k and rerank_k may differ per query."""
-        n = len(queries)
-        top_ks = [top_k] * n if isinstance(top_k, int) else list(top_k)
-        rerank_ks = [rerank_k] * n if isinstance(rerank_k, int) else list(rerank_k)
+        """Prepared queries -> results: one model forward for all, one global search per location shard,
+        then each query's merge and re-ranking. top_k, rerank_k and the location prior may differ per
+        query."""
         start = time.perf_counter()
         global_desc, local = self.extractor.extract_tensors(torch.stack([q.tensor for q in queries]))
+        extract_s = time.perf_counter() - start
+        results = self.search(global_desc, local, top_k, rerank_k, priors)
+        for query, result in zip(queries, results, strict=True):
+            timings = result.timings_ms.model_dump() | {
+                "decode": query.decode_s * 1e3,
+                "extract": extract_s * 1e3,
+            }
+            timings["total"] = timings["decode"] + timings["extract"] + timings["search"] + timings["rerank"]
+            result.timings_ms = Timings(**{k: round(v, 2) for k, v in timings.items()})
+        return results
+
+    def search(
+        self,
+        global_desc: torch.Tensor,
+        local: torch.Tensor,
+        top_k: Sequence[int] | int = DEFAULT_TOP_K,
+        rerank_k: Sequence[int] | int = DEFAULT_RERANK_K,
+        priors: Sequence[LocationPrior | None] | None = None,
+    ) -> list[LocalizeResult]:
+        """Extracted features of queries (global (Q, D), local (Q, h, w, C)) -> results."""
+        n = len(global_desc)
+        top_ks = [top_k] * n if isinstance(top_k, int) else list(top_k)
+        rerank_ks = [rerank_k] * n if isinstance(rerank_k, int) else list(rerank_k)
+        priors = list(priors) if priors is not None else [None] * n
         # the local maps stay where the model ran: re-ranking runs there too (on a GPU, ~100x faster)
         global_desc, local = global_desc.float().cpu().numpy(), local.float()
-        extracted = time.perf_counter()
-        scores, ids = global_search(self.index.index, global_desc, max(max(rerank_ks), max(top_ks)))
-        search_s = time.perf_counter() - extracted
+        start = time.perf_counter()
+        targets = [shards_to_search(self.index, prior) for prior in priors]
+        depth = max(max(rerank_ks), max(top_ks))
+        tops = {k: self.searchers[k].top(global_desc, depth) for k in sorted(set().union(*targets))}
+        search_s = time.perf_counter() - start
         results = []
-        for i, query in enumerate(queries):
+        for i in range(n):
             rerank_start = time.perf_counter()
-            depth = max(rerank_ks[i], top_ks[i])
-            result = self._rerank(local[i], scores[i, :depth], ids[i, :depth], top_ks[i])
-            timings = {
-                "decode": query.decode_s,
-                "extract": extracted - start,
-                "search": search_s,
-                "rerank": time.perf_counter() - rerank_start,
-            }
-            timings["total"] = sum(timings.values())
-            result.timings_ms = Timings(**{k: round(v * 1e3, 2) for k, v in timings.items()})
+            candidates = merge([tops[k][i] for k in targets[i]], max(rerank_ks[i], top_ks[i]))
+            counted = rerank_counts(candidates, self._count_locally(local[i]), self.mode)
+            result = answer(self.index, local[i], candidates, counted, top_ks[i], targets[i])
+            rerank_s = time.perf_counter() - rerank_start
+            result.timings_ms = Timings(
+                search=round(search_s * 1e3, 2),
+                rerank=round(rerank_s * 1e3, 2),
+                total=round((search_s + rerank_s) * 1e3, 2),
+            )
             results.append(result)
         return results
 
@@ -117,29 +152,53 @@ class Localizer:
         name: str | None = None,
         top_k: int = DEFAULT_TOP_K,
         rerank_k: int = DEFAULT_RERANK_K,
+        prior: LocationPrior | None = None,
     ) -> LocalizeResult:
-        return self.run([self.prepare(source, name)], top_k, rerank_k)[0]
+        return self.run([self.prepare(source, name)], top_k, rerank_k, [prior])[0]
 
-    def _rerank(
-        self, query_local: torch.Tensor, scores: np.ndarray, ids: np.ndarray, top_k: int
-    ) -> LocalizeResult:
-        keep = ids >= 0  # approximate indexes may return fewer results
-        scores, ids = scores[keep], ids[keep]
-        device = query_local.device
-        cands = self.index.candidate_maps(ids.tolist(), device)
-        counts = mnn_scores(query_local, cands, self.precision, device=device)
-        order = rerank_order(counts)[:top_k]
-        records = self.index.records(ids[order].tolist())
-        matches = [
-            _match(record, rank, float(scores[i]), int(counts[i]))
-            for rank, (i, record) in enumerate(zip(order, records, strict=True), start=1)
-        ]
-        positions = query_local.shape[0] * query_local.shape[1]
-        return LocalizeResult(
-            matches=matches,
-            location=estimate_location(matches, positions),
-            index_version=self.index.name,
-        )
+    def _count_locally(self, query_local: torch.Tensor) -> CountFn:
+        def count(ids_by_shard, mode):
+            return {k: self.searchers[k].counts(query_local, ids, mode) for k, ids in ids_by_shard.items()}
+
+        return count
+
+
+def answer(
+    version: IndexVersion,
+    query_local: torch.Tensor,
+    candidates: Candidates,
+    counted: RerankCounts,
+    top_k: int,
+    searched: Sequence[int],
+) -> LocalizeResult:
+    """Merged candidates and their counts -> the answer: ordered by MNN count (equal counts keep the
+    global order), the top_k described. Candidates whose shard did not answer are left out, and the
+    answer says which shards those were and what share of the searched references it covers."""
+    answered = counted.counts >= 0
+    scores, ids, counts = candidates.scores[answered], candidates.ids[answered], counted.counts[answered]
+    order = rerank_order(counts)[:top_k]
+    records = version.records(ids[order].tolist())
+    matches = [
+        _match(record, rank, float(scores[i]), int(counts[i]))
+        for rank, (i, record) in enumerate(zip(order, records, strict=True), start=1)
+    ]
+    positions = query_local.shape[0] * query_local.shape[1]
+    sizes = shard_sizes(version)
+    total = sum(sizes[k] for k in searched)
+    covered = sum(sizes[k] for k in searched if k not in counted.missing)
+    return LocalizeResult(
+        matches=matches,
+        location=estimate_location(matches, positions),
+        index_version=version.name,
+        partial=bool(counted.missing),
+        missing_shards=[shard_key(k) for k in sorted(counted.missing)],
+        coverage=round(covered / total, 6) if total else 1.0,
+    )
+
+
+def shard_sizes(version: IndexVersion) -> list[int]:
+    """References per location shard (an unsharded version: one shard of all)."""
+    return [s.count for s in version.manifest.location_shards] or [len(version)]
 
 
 def make_resident(index: IndexVersion, device: torch.device) -> None:

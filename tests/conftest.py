@@ -51,3 +51,32 @@ def shared_embeddings(shared_data):
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def sharded_shared_indexes(tmp_path_factory, shared_data):
+    """The 32 shared images indexed with the default weights, unsharded, then re-published with 2 and 4
+    location shards from the same features. (index dirs by shard count, the extractor, the query paths,
+    the queries' (global, local) features)."""
+    import shutil
+
+    from index_builder.builder import BuildConfig, build_index
+    from model.extractor import FeatureExtractor
+    from tests.helpers import shared_references
+
+    root = tmp_path_factory.mktemp("sharded")
+    refs = shared_references(shared_data, root / "refs")
+    extractor = FeatureExtractor.from_checkpoint("default", device="cpu")
+    dirs = {}
+    for shards in (1, 2, 4):
+        index_dir = root / f"index-{shards}"
+        if shards > 1:
+            shutil.copytree(root / "index-1", index_dir)
+        report = build_index(
+            BuildConfig(references=refs, index_dir=index_dir, shards=shards), extractor=extractor
+        )
+        assert report.total == 32 and (shards == 1 or report.encoded == 0)
+        dirs[shards] = index_dir
+    queries = sorted(refs.glob("*/p*/i*/*.jpg")) + sorted((refs / "tokyo_pair").glob("*"))
+    features = extractor.extract_tensors(torch.stack([extractor.preprocessing.load(p) for p in queries]))
+    return dirs, extractor, queries, features

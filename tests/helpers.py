@@ -90,3 +90,27 @@ def noise_images(directory: Path, count: int, size: tuple[int, int] = (96, 72), 
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+# The shared triplets' ten places, given locations for sharding tests: GardensPoint (Brisbane), one place
+# every 100 m going north (the shared data has no GPS; its README says to make some up).
+PLACE_LAT, PLACE_LON = -27.4772, 153.0281
+
+
+def place_location(place: int) -> tuple[float, float]:
+    return PLACE_LAT + place * 0.0009, PLACE_LON
+
+
+def shared_references(shared_data: Path, refs: Path) -> Path:
+    """The 32 shared images copied under refs (never into the repo), the triplets located by place
+    through locations.csv, the Tokyo pair as it is (the query has EXIF GPS, the database image none)."""
+    import shutil
+
+    shutil.copytree(shared_data / "matching_triplets", refs / "matching_triplets")
+    shutil.copytree(shared_data / "tokyo_pair", refs / "tokyo_pair")
+    rows = ["path,lat,lon"]
+    for path in sorted((refs / "matching_triplets").glob("p*/i*/*.jpg")):
+        lat, lon = place_location(int(path.parts[-3][1:]))
+        rows.append(f"{path.relative_to(refs).as_posix()},{lat},{lon}")
+    (refs / "locations.csv").write_text("\n".join(rows) + "\n")
+    return refs

@@ -247,7 +247,16 @@ def test_localize_answers_in_the_api_shape(refs, tmp_path, tiny_ckpt):
     build(refs, tmp_path / "index", tiny_ckpt)
     localizer = Localizer.open(tmp_path / "index")
     result = localizer.localize(refs / "p1" / "i0" / "Image059.jpg", top_k=3, rerank_k=8).model_dump()
-    assert set(result) == {"matches", "location", "index_version", "timings_ms"}
+    assert set(result) == {
+        "matches",
+        "location",
+        "index_version",
+        "timings_ms",
+        "partial",
+        "missing_shards",
+        "coverage",
+    }
+    assert (result["partial"], result["missing_shards"], result["coverage"]) == (False, [], 1.0)
     assert set(result["timings_ms"]) == {"decode", "extract", "search", "rerank", "total"}
     top = result["matches"][0]
     assert set(top) == {

@@ -20,10 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def dev_only_modules() -> set[str]:
+    """What `make install` leaves out: the dev extra, and the optional extras (ray) it does not install."""
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     product = {_module(d) for d in meta["dependencies"]}
-    dev = {_module(d) for d in meta["optional-dependencies"]["dev"]}
-    return (dev - product) | {"bench", "tests"}  # development folders, not shipped either
+    extras = meta["optional-dependencies"]
+    optional = {_module(d) for name in ("dev", "ray") for d in extras[name]}
+    return (optional - product) | {"bench", "tests"}  # development folders, not shipped either
 
 
 def _module(requirement: str) -> str:
@@ -99,3 +101,27 @@ def test_dockerfiles_copy_exactly_the_shipped_packages():
         assert copied == shipped, (
             f"{dockerfile.name} copies {sorted(copied)}, the package ships {sorted(shipped)}"
         )
+
+
+def test_engine_ray_without_the_ray_extra_says_how_to_install_it(tmp_path):
+    script = Path(sys.executable).parent / "selavpr"
+    runner = RUNNER.split("script, commands")[0] + textwrap.dedent(
+        """
+        import runpy
+        sys.argv = ["selavpr", "serve", "--engine", "ray", "--index-dir", "idx"]
+        try:
+            runpy.run_path(sys.argv_script, run_name="__main__")
+        except SystemExit as exc:
+            print(f"EXIT {exc.code}")
+        """
+    ).replace("sys.argv_script", repr(str(script)))
+    result = subprocess.run(
+        [sys.executable, "-c", runner, ",".join(sorted(dev_only_modules()))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={"SELAVPR_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
+    )
+    assert "EXIT 2" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "--engine ray needs Ray Serve" in result.stderr and 'pip install -e ".[ray]"' in result.stderr

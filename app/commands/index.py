@@ -30,6 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--local-dtype", choices=LOCAL_DTYPES, default=DEFAULT_LOCAL_DTYPE, help="stored local features"
     )
     build.add_argument("--shard-size", type=positive_int, default=256, help="images per feature shard")
+    build.add_argument(
+        "--shards",
+        type=positive_int,
+        default=None,
+        help="location shards (ranges of S2 cells) searched separately; 1: none; default: as published",
+    )
     build.add_argument("--decode-workers", type=positive_int, default=2)
     build.add_argument(
         "--grace-seconds",
@@ -63,6 +69,7 @@ def run_build(args: argparse.Namespace) -> int:
         local_dtype=args.local_dtype,
         global_index=GlobalIndexConfig(kind=args.global_index),
         grace_seconds=args.grace_seconds,
+        shards=args.shards,
     )
     with ProgressBar() as bar:
         report = build_index(config, on_progress=bar.update)

@@ -8,6 +8,15 @@ from pathlib import Path
 from app.commands.common import positive_int, print_json
 from index_builder.results import DEFAULT_RERANK_K, DEFAULT_TOP_K
 from index_builder.search import Localizer
+from index_builder.sharding import LocationPrior
+
+
+def location_prior(text: str) -> LocationPrior:
+    try:
+        lat, lon, radius_m = (float(part) for part in text.split(","))
+        return LocationPrior(lat, lon, radius_m)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LAT,LON,RADIUS_M ({exc})") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--rerank-k", type=positive_int, default=DEFAULT_RERANK_K, help="candidates re-ranked"
     )
+    parser.add_argument(
+        "--prior",
+        type=location_prior,
+        default=None,
+        metavar="LAT,LON,RADIUS_M",
+        help="search only the location shards within RADIUS_M metres of LAT,LON",
+    )
     parser.add_argument("--checkpoint", default=None, help="default: the one the index was built with")
     parser.add_argument("--device", default="auto")
     parser.set_defaults(run=run)
@@ -25,5 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     localizer = Localizer.open(args.index_dir, args.checkpoint, args.device)
-    print_json(localizer.localize(args.image, args.image, args.top_k, args.rerank_k).model_dump())
+    result = localizer.localize(args.image, args.image, args.top_k, args.rerank_k, args.prior)
+    print_json(result.model_dump())
     return 0

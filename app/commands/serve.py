@@ -29,6 +29,7 @@ FLAGS = {
     "--root-path": ("root_path", str),
     "--max-connections": ("max_connections", positive_int),
     "--resident-maps-bytes": ("resident_maps_bytes", int),
+    "--shard-timeout-s": ("shard_timeout_s", float),
 }
 
 
@@ -45,6 +46,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve the admin endpoints without a key beyond loopback (trusted networks only)",
     )
     parser.add_argument("--log-level", default="info")
+    ray = parser.add_argument_group("--engine ray (the optional Ray extra)")
+    ray.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process; ray: Ray Serve deployments (one per location shard)",
+    )
+    ray.add_argument(
+        "--ray-address", default=None, help="a running cluster (auto, host:6379); else start one"
+    )
+    ray.add_argument("--ray-num-cpus", type=positive_int, default=None, help="CPUs of a cluster started here")
+    ray.add_argument("--shard-replicas", type=positive_int, default=1)
+    ray.add_argument("--encoder-replicas", type=positive_int, default=1)
+    ray.add_argument("--ingress-replicas", type=positive_int, default=1)
+    ray.add_argument(
+        "--replica-num-cpus", type=float, default=1.0, help="CPUs each replica reserves (0 on small machines)"
+    )
+    ray.add_argument("--encoder-num-gpus", type=float, default=0.0, help="GPUs (or a share) per encoder")
     parser.set_defaults(run=run)
 
 
@@ -55,6 +74,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return run_on_ray(args)
     import uvicorn
 
     from app.heap import limit_arenas, return_large_blocks
@@ -83,3 +104,27 @@ def run(args: argparse.Namespace) -> int:
         http=deadline_protocol(settings.head_timeout_s, settings.body_timeout_s),  # app/protocol.py: why
     )
     return 0
+
+
+def run_on_ray(args: argparse.Namespace) -> int:
+    from app.ray_engine import require_ray
+    from app.settings import check_exposure
+
+    try:
+        require_ray()
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None  # one line, exit 2 (app.cli)
+    from app.ray_engine.deployments import RayEngineConfig
+    from app.ray_engine.launch import ClusterConfig, serve_until_stopped
+
+    settings = settings_from(args)
+    check_exposure(settings)
+    engine = RayEngineConfig(
+        shard_replicas=args.shard_replicas,
+        encoder_replicas=args.encoder_replicas,
+        ingress_replicas=args.ingress_replicas,
+        replica_num_cpus=args.replica_num_cpus,
+        encoder_num_gpus=args.encoder_num_gpus,
+    )
+    cluster = ClusterConfig(address=args.ray_address, num_cpus=args.ray_num_cpus)
+    return serve_until_stopped(settings, engine, cluster)

@@ -21,12 +21,13 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(request: Request):
-    """Model and an index loaded; 503 with the reason otherwise."""
+    """Model and an index loaded; 503 with the reason otherwise. With --engine ray it also lists the
+    location shards without a replica (answers then come back partial)."""
     service: VPRService = get_service(request)  # called directly: a sync dependency would use the pool
     reason = service.readiness()
     if reason:
         return error_response(503, "not_ready", reason)
-    return {"status": "ready", "index_version": service.localizer.index.name}
+    return {"status": "ready", "index_version": service.localizer.index.name, **service.readiness_details()}
 
 
 @router.get("/metrics")

@@ -15,10 +15,12 @@ from app.uploads import read_uploads
 from index_builder.geo import UTM_MAX_LAT, UTM_MIN_LAT
 
 router = APIRouter(prefix="/index", tags=["index"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 501, 503)}
 
 
 def _job(service: VPRService) -> dict:
+    if service.rebuilds_disabled:
+        raise ApiError(501, "not_implemented", service.rebuilds_disabled)
     if service.rebuilds is None:
         raise ApiError(503, "unavailable", "the model is loading")
     job_id, state = service.rebuilds.request()

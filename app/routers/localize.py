@@ -8,8 +8,15 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.answering import answered_in_time
-from app.dependencies import get_service, get_settings, require_localize_key, resolve_k
-from app.errors import ApiError
+from app.dependencies import (
+    get_service,
+    get_settings,
+    require_localize_key,
+    resolve_k,
+    resolve_prior,
+    resolve_strict,
+)
+from app.errors import ApiError, ServiceUnavailable
 from app.schemas import BatchResponse, ErrorResponse
 from app.service import VPRService
 from app.settings import Settings
@@ -45,15 +52,24 @@ async def localize(
     rerank_k: int | None = Form(
         None, description="candidates re-ranked (also a query parameter); default 100"
     ),
+    lat: float | None = Form(None, description="location prior: latitude (with lon and radius_m)"),
+    lon: float | None = Form(None, description="location prior: longitude"),
+    radius_m: float | None = Form(
+        None, description="location prior: only location shards within this many metres are searched"
+    ),
+    strict: bool | None = Form(
+        None, description="answer 503 with Retry-After instead of a partial answer when a shard is missing"
+    ),
     service: VPRService = Depends(get_service),
     settings: Settings = Depends(get_settings),
 ) -> LocalizeResult:
     k, rk = _ks(request, settings, top_k, rerank_k, 1)
+    prior, strict = resolve_prior(request, lat, lon, radius_m), resolve_strict(request, strict)
     (data,) = await read_uploads([image], settings)
 
     async def work() -> LocalizeResult:
         query = await run_in_threadpool(service.prepare, data)
-        return await service.localize(query, k, rk)
+        return _complete_or_503(await service.localize(query, k, rk, prior=prior), strict, settings)
 
     return await answered_in_time(request, settings, work())
 
@@ -64,16 +80,35 @@ async def localize_batch(
     image: list[UploadFile] = File(..., description="several `image` fields; one result each, in order"),
     top_k: int | None = Form(None),
     rerank_k: int | None = Form(None),
+    lat: float | None = Form(None, description="location prior: latitude (with lon and radius_m)"),
+    lon: float | None = Form(None, description="location prior: longitude"),
+    radius_m: float | None = Form(
+        None, description="location prior: only location shards within this many metres are searched"
+    ),
+    strict: bool | None = Form(
+        None, description="answer 503 with Retry-After instead of a partial answer when a shard is missing"
+    ),
     service: VPRService = Depends(get_service),
     settings: Settings = Depends(get_settings),
 ) -> BatchResponse:
     k, rk = _ks(request, settings, top_k, rerank_k, len(image))
+    prior, strict = resolve_prior(request, lat, lon, radius_m), resolve_strict(request, strict)
     contents = await read_uploads(image, settings)
 
     async def work() -> BatchResponse:
         queries = [await run_in_threadpool(service.prepare, data) for data in contents]
-        owner = service.batcher.new_owner()  # its queries take turns with other requests'
-        results = await asyncio.gather(*(service.localize(q, k, rk, owner) for q in queries))
-        return BatchResponse(results=results)
+        owner = service.new_owner()  # its queries take turns with other requests'
+        results = await asyncio.gather(*(service.localize(q, k, rk, owner, prior) for q in queries))
+        return BatchResponse(results=[_complete_or_503(r, strict, settings) for r in results])
 
     return await answered_in_time(request, settings, work())
+
+
+def _complete_or_503(result: LocalizeResult, strict: bool, settings: Settings) -> LocalizeResult:
+    """A partial answer (a location shard missing) as it is, or 503 when the request is strict."""
+    if strict and result.partial:
+        raise ServiceUnavailable(
+            f"location shards {', '.join(result.missing_shards)} did not answer; retry later",
+            settings.retry_after_s,
+        )
+    return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -65,16 +65,19 @@ def publish_version(
     records: Sequence[ImageRecord],
     global_index: faiss.Index,
     manifest: IndexManifest,
+    write_extra: Callable[[Path], Sequence[str]] | None = None,
 ) -> IndexManifest:
     """Write a version aside, rename it into versions/, then swap CURRENT to it. Returns the manifest as
-    published (with its version name, time and checksums)."""
+    published (with its version name, time and checksums). `write_extra` writes more files into the
+    staging directory (a sharded version's location shards) and names them, to be checksummed too."""
     name = next_version_name(index_dir)
     versions = index_dir / VERSIONS
     staging = versions / f"{TMP_PREFIX}{name}"
     staging.mkdir(parents=True)
     write_global_index(global_index, staging / GLOBAL_INDEX_FILE)
     write_metadata(staging / METADATA_FILE, records)
-    files = {f: sha256_file(staging / f) for f in (GLOBAL_INDEX_FILE, METADATA_FILE)}
+    extra = list(write_extra(staging)) if write_extra else []
+    files = {f: sha256_file(staging / f) for f in (GLOBAL_INDEX_FILE, METADATA_FILE, *extra)}
     manifest = replace(manifest, version=name, created_at=now_iso(), files=files)
     if manifest.report is not None:
         manifest.report.version = name
@@ -93,13 +96,19 @@ def publish_version(
 class IndexVersion:
     """One published version, opened for searching. It stays usable while newer versions appear."""
 
-    def __init__(self, index_dir: Path, name: str) -> None:
+    def __init__(self, index_dir: Path, name: str, load_global: bool = True) -> None:
+        """load_global=False leaves the version-wide global index unread (None): a location shard's
+        server reads only its own, and a Ray router none."""
         self.index_dir, self.name = index_dir, name
         self.dir = index_dir / VERSIONS / name
         self.manifest = IndexManifest.read(self.dir)
         self.identity = self.manifest.encoding
         try:
-            self.index = read_global_index(self.dir / GLOBAL_INDEX_FILE, self.manifest.global_index)
+            self.index = (
+                read_global_index(self.dir / GLOBAL_INDEX_FILE, self.manifest.global_index)
+                if load_global
+                else None
+            )
             self.db = open_metadata(self.dir / METADATA_FILE)
             locations = self.db.execute("SELECT shard, row FROM images ORDER BY id").fetchall()
             self.shard_names = sorted({r["shard"] for r in locations})
@@ -118,12 +127,12 @@ class IndexVersion:
         self._finalizer = weakref.finalize(self, _close_version, self.shards, self.db)
 
     @classmethod
-    def open_current(cls, index_dir: str | os.PathLike) -> IndexVersion:
+    def open_current(cls, index_dir: str | os.PathLike, load_global: bool = True) -> IndexVersion:
         index_dir = Path(index_dir)
         name = current_version_name(index_dir)
         if name is None:
             raise IndexNotFound(f"no published index yet ({NO_INDEX_HINT})")
-        return cls(index_dir, name)
+        return cls(index_dir, name, load_global)
 
     def __len__(self) -> int:
         return len(self.id_row)

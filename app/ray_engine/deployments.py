@@ -1,0 +1,195 @@
+"""The Ray Serve application of `serve --engine ray`:
+
+    ingress (the FastAPI app of app/main.py)  --encode-->  encoder (batched model forward)
+                                              --top/counts-->  shard-00 ... shard-NN (one per location shard)
+
+Each location shard is its own deployment (`shard-00`, ...): Serve balances a deployment's requests over
+interchangeable replicas, and a shard's requests must reach a replica holding that shard. Every
+deployment is given the index version it serves when deployed; answers carry it, so that a reply from
+another version is never mixed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray import serve
+
+from app.main import create_app
+from app.ray_engine.remote_search import ShardReply
+from app.ray_engine.service import RayVPRService
+from app.settings import Settings
+from index_builder.search import check_compatible
+from index_builder.shard_search import ShardSearcher
+from index_builder.sharding import shard_key
+from index_builder.store import IndexVersion, current_version_name
+from index_builder.store.versions import NO_INDEX_HINT
+from model.extractor import FeatureExtractor
+from model.matching.precision import Precision
+
+log = logging.getLogger(__name__)
+KEEP_VERSIONS = 2  # a shard keeps the previous version open for the queries still using it
+# Queries from several ingress replicas arrive one by one: wait this long to batch them together.
+ENCODER_MIN_WAIT_S = 0.005
+
+
+@dataclass(frozen=True)
+class RayEngineConfig:
+    """How the deployments are placed (the cluster decides where)."""
+
+    shard_replicas: int = 1
+    encoder_replicas: int = 1
+    ingress_replicas: int = 1
+    replica_num_cpus: float = 1.0  # 0 on a small test cluster: every replica would reserve a core
+    encoder_num_gpus: float = 0.0
+
+
+@serve.deployment
+class Encoder:
+    """The model forward of /localize, batched over concurrent queries (from every ingress replica)."""
+
+    def __init__(self, settings: Settings, version: str) -> None:
+        self.extractor = FeatureExtractor.from_checkpoint(
+            settings.checkpoint,
+            settings.device,
+            image_size=settings.image_size,
+            local_mode=settings.local_mode,
+            feature_block=settings.feature_block,
+            max_pixels=settings.max_pixels,
+            model_dtype=settings.model_dtype,
+        )
+        index = IndexVersion(settings.index_dir, version, load_global=False)
+        check_compatible(index, self.extractor)  # refuse to start rather than answer wrongly
+        index.close()
+        # Batched per replica (not with a class decorator): the batch size is the service's setting, and
+        # the queue belongs to this replica alone.
+        self._batched = serve.batch(
+            max_batch_size=settings.max_batch_size,
+            batch_wait_timeout_s=max(settings.max_batch_wait_ms / 1e3, ENCODER_MIN_WAIT_S),
+        )(self._forward)
+
+    async def encode(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One preprocessed query (3, H, W) -> (global (D,), local (h, w, C))."""
+        return await self._batched(tensor)
+
+    async def _forward(self, tensors: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        global_desc, local = self.extractor.extract_tensors(torch.from_numpy(np.stack(tensors)))
+        global_desc, local = global_desc.cpu().numpy(), local.cpu().numpy()
+        return [(global_desc[i], local[i]) for i in range(len(tensors))]
+
+
+@serve.deployment
+class ShardServer:
+    """One location shard: its exact global top-N, and the MNN counts of its own candidates, for the
+    version each call names. The last KEEP_VERSIONS versions stay open, so that when a new one is
+    published, queries already under way on the previous one still finish; a version not yet open is
+    opened on its first call."""
+
+    def __init__(self, index_dir: str, version: str, position: int, precision: str | None) -> None:
+        del precision  # the router picks the precision of each counting call (shard_search.rerank_counts)
+        self.index_dir, self.position = Path(index_dir), position
+        self.searchers: dict[str, ShardSearcher] = {}
+        self._opening = threading.Lock()
+        self.load(version)
+
+    def load(self, version: str) -> list[str]:
+        """Open a version's part of this shard (if not open yet); returns the versions open."""
+        with self._opening:
+            if version not in self.searchers:
+                self.searchers[version] = _open_shard(self.index_dir, version, self.position)
+                log.info("%s opened %s", shard_key(self.position), version)
+                for old in list(self.searchers)[:-KEEP_VERSIONS]:
+                    del self.searchers[old]  # closed when the last query holding it ends
+            return list(self.searchers)
+
+    def _searcher(self, version: str) -> ShardSearcher:
+        searcher = self.searchers.get(version)
+        if searcher is None:
+            self.load(version)
+            searcher = self.searchers[version]
+        return searcher
+
+    def top(self, global_desc: np.ndarray, k: int, version: str) -> ShardReply:
+        tops = self._searcher(version).top(global_desc, k)
+        return ShardReply(version, [(c.scores, c.ids) for c in tops])
+
+    def counts(self, query_local: np.ndarray, ids: np.ndarray, mode: str, version: str) -> ShardReply:
+        counts = self._searcher(version).counts(torch.from_numpy(query_local), ids.tolist(), Precision(mode))
+        return ShardReply(version, counts.numpy())
+
+    def ping(self) -> int:
+        """Alive: this replica's process id (tests kill it by that id)."""
+        return os.getpid()
+
+
+@serve.deployment
+@serve.ingress()
+class Ingress:
+    """The HTTP API: the FastAPI app of the single-process service over RayVPRService."""
+
+    def __init__(self, settings: Settings, version: str, encoder, shards: list) -> None:
+        self.settings, self.version, self.encoder, self.shards = settings, version, encoder, shards
+
+    def __serve_build_asgi_app__(self):
+        return create_app(
+            self.settings, lambda s, m: RayVPRService(s, m, self.version, self.encoder, self.shards)
+        )
+
+
+def _open_shard(index_dir: Path, version: str, position: int) -> ShardSearcher:
+    index = IndexVersion(index_dir, version, load_global=False)
+    shards = len(index.manifest.location_shards)
+    if shards:
+        if position >= shards:
+            index.close()
+            raise ValueError(f"{version} has {shards} location shards, not {shard_key(position)}")
+        return ShardSearcher.open(index, position)
+    index.close()  # unsharded: the whole index is this one shard, with the version's global index
+    return ShardSearcher.whole(IndexVersion(index_dir, version))
+
+
+def published_version(index_dir: Path) -> tuple[str, int]:
+    """The published version's name and its number of location shards (an unsharded index: one)."""
+    name = current_version_name(index_dir)
+    if name is None:
+        raise ValueError(f"no published index in {index_dir} ({NO_INDEX_HINT}); --engine ray serves one")
+    version = IndexVersion(index_dir, name, load_global=False)
+    try:
+        return name, max(1, len(version.manifest.location_shards))
+    finally:
+        version.close()
+
+
+def build_application(settings: Settings, engine: RayEngineConfig = RayEngineConfig()):
+    """The bound application for the published version of settings.index_dir."""
+    version, shard_count = published_version(settings.index_dir)
+    cpus = {"num_cpus": engine.replica_num_cpus}
+    encoder = Encoder.options(
+        name="encoder",
+        num_replicas=engine.encoder_replicas,
+        ray_actor_options={**cpus, "num_gpus": engine.encoder_num_gpus},
+    ).bind(settings, version)
+    shards = [
+        ShardServer.options(
+            name=shard_key(k), num_replicas=engine.shard_replicas, ray_actor_options=cpus
+        ).bind(str(settings.index_dir), version, k, settings.precision)
+        for k in range(shard_count)
+    ]
+    return Ingress.options(name="ingress", num_replicas=engine.ingress_replicas, ray_actor_options=cpus).bind(
+        settings, version, encoder, shards
+    )
+
+
+def application_builder(args: dict) -> object:
+    """For Serve config files and KubeRay (`import_path: app.ray_engine.deployments:application_builder`):
+    `args` holds Settings fields (index_dir, checkpoint, device, api_key, ...; SELAVPR_* variables fill in
+    the rest) and, under `engine`, RayEngineConfig fields."""
+    args = dict(args)
+    engine = RayEngineConfig(**args.pop("engine", {}))
+    return build_application(Settings(**args), engine)

@@ -1,0 +1,176 @@
+"""The service behind the HTTP API of `serve --engine ray`: the single-process VPRService with the model
+forward and the search done by other deployments (remote_search.RemoteLocalizer).
+
+The ingress keeps a model for what is cheap or per-request (decoding and preprocessing uploads, the
+match pairs of /localize/pairs) and the index's metadata (references, names, locations); the encoder
+deployment runs the forward of /localize, the shard deployments search. Rebuilding is not offered here:
+`selavpr index build` on the shared index folder publishes a version, which is then served without a
+restart (same model and number of shards; otherwise deploy again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from app.metrics import Metrics
+from app.ray_engine.remote_search import CallPolicy, RemoteLocalizer
+from app.service import LocalizeJob, VPRService
+from app.settings import Settings
+from index_builder.errors import CheckpointMismatch
+from index_builder.results import LocalizeResult
+from index_builder.search import check_compatible
+from index_builder.sharding import shard_key
+from index_builder.store import IndexNotFound, IndexStoreError, IndexVersion, current_version_name
+from model.extractor import FeatureExtractor
+from model.matching.defaults import resolve_precision
+
+log = logging.getLogger(__name__)
+HEALTH_PERIOD_S = 2.0
+REBUILD_ELSEWHERE = (
+    "rebuilding is not served with --engine ray: run `selavpr index build` on the index folder; "
+    "the new version is served when published"
+)
+
+
+class RayVPRService(VPRService):
+    rebuilds_disabled = REBUILD_ELSEWHERE
+
+    def __init__(self, settings: Settings, metrics: Metrics, version: str, encoder, shards: Sequence) -> None:
+        super().__init__(settings, metrics)
+        self.version_name, self.encoder, self.shard_handles = version, encoder, list(shards)
+        self.shards_down: list[str] = []  # shards whose replicas did not answer the last health check
+        self._refused: str | None = None  # a published version that cannot be served here
+        self._health: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self._health = asyncio.ensure_future(self._watch_shards())
+
+    async def stop(self) -> None:
+        if self._health:
+            self._health.cancel()
+        await super().stop()
+
+    def _load(self) -> None:
+        s = self.settings
+        self.extractor = FeatureExtractor.from_checkpoint(
+            s.checkpoint,
+            "cpu",  # preprocessing and /localize/pairs only: the encoder deployment has the accelerator
+            image_size=s.image_size,
+            local_mode=s.local_mode,
+            feature_block=s.feature_block,
+            max_pixels=s.max_pixels,
+            model_dtype=s.model_dtype,
+        )
+        self.reload_index()
+
+    def reload_index(self) -> None:
+        """Open the version the shards were deployed with (metadata only)."""
+        try:
+            self._serve(self._localizer_for(self.version_name))
+        except (IndexNotFound, IndexStoreError, CheckpointMismatch, ValueError) as exc:
+            log.error("cannot serve index %s: %s", self.version_name, exc)
+            self.index_problem = str(exc)
+
+    def _localizer_for(self, name: str) -> RemoteLocalizer:
+        version = IndexVersion(self.settings.index_dir, name, load_global=False)
+        try:
+            check_compatible(version, self.extractor)
+            shards = max(1, len(version.manifest.location_shards))
+            if shards != len(self.shard_handles):
+                deployed = len(self.shard_handles)
+                raise ValueError(
+                    f"{name} has {shards} location shards, the application {deployed}: deploy again"
+                )
+        except Exception:
+            version.close()
+            raise
+        mode = resolve_precision(self.settings.precision, torch.device("cpu"))
+        policy = CallPolicy(timeout_s=self.settings.shard_timeout_s)
+        return RemoteLocalizer(version, self.encoder, self.shard_handles, mode, self.metrics, policy)
+
+    def _serve(self, localizer: RemoteLocalizer) -> None:
+        """Swap the served version: batches already running keep the localizer (and version) they took."""
+        self.localizer, self.index_problem = localizer, None
+        self.version_name = localizer.index.name
+        self.metrics.index_images.set(len(localizer.index))
+        self.metrics.index_version.info({"version": localizer.index.name})
+        log.info("serving index %s (%d images)", localizer.index.name, len(localizer.index))
+
+    async def _follow_published(self) -> None:
+        """A newly published version (`selavpr index build` on the shared index folder) is served once
+        every shard deployment has opened it; the shards keep the previous one open for the queries
+        still using it, so the switch drops no request. A version that cannot be served (another model,
+        another number of shards) is logged and skipped."""
+        name = current_version_name(self.settings.index_dir)
+        if name is None or name in (self.version_name, self._refused):
+            return
+        try:
+            localizer = await asyncio.to_thread(self._localizer_for, name)
+        except (IndexNotFound, IndexStoreError, CheckpointMismatch, ValueError) as exc:
+            log.error("not switching to %s: %s", name, exc)
+            self._refused = name
+            return
+        opened = await asyncio.gather(*(self._call(h.load.remote(name)) for h in self.shard_handles))
+        if not all(opened):
+            log.warning("not switching to %s yet: a shard did not open it; trying again", name)
+            localizer.index.close()
+            return
+        self._serve(localizer)
+
+    def readiness(self) -> str | None:
+        reason = super().readiness()
+        if reason is None and len(self.shards_down) == len(self.shard_handles):
+            return f"no location shard has a replica ({', '.join(self.shards_down)})"
+        return reason
+
+    def readiness_details(self) -> dict:
+        return {"shards_without_replica": list(self.shards_down)}
+
+    async def _watch_shards(self) -> None:
+        """Now and then: ping every shard deployment (/readyz lists those that did not answer), and
+        follow the published version."""
+        while True:
+            replies = await asyncio.gather(
+                *(self._call(handle.ping.remote()) for handle in self.shard_handles)
+            )
+            self.shards_down = [shard_key(k) for k, ok in enumerate(replies) if not ok]
+            try:
+                await self._follow_published()
+            except Exception:  # the watch must go on: a failed switch is retried on the next round
+                log.exception("following the published index version failed")
+            await asyncio.sleep(HEALTH_PERIOD_S)
+
+    async def _call(self, response) -> bool:
+        """Whether a call answered within the deadline (twice the shard deadline: opening a version
+        reads its files)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(_awaitable(response)), 2 * self.settings.shard_timeout_s)
+        except Exception:
+            response.cancel()
+            return False
+        return True
+
+    def _localize_batch(self, localizer, jobs: Sequence[LocalizeJob]) -> list[LocalizeResult]:
+        started = time.perf_counter()
+        results = localizer.run(
+            torch.stack([j.query.tensor for j in jobs]),
+            [j.top_k for j in jobs],
+            [j.rerank_k for j in jobs],
+            [j.prior for j in jobs],
+        )
+        for job, result in zip(jobs, results, strict=True):
+            result.timings_ms.decode = round(job.query.decode_s * 1e3, 2)
+            result.timings_ms.total = round(
+                result.timings_ms.decode + (time.perf_counter() - started) * 1e3, 2
+            )
+        return results
+
+
+async def _awaitable(response):
+    return await response

@@ -1,0 +1,321 @@
+"""A city in simulation: a synthetic index of --images references over --shards location shards, served
+by the Ray engine's shard deployments on a local cluster, queried through the Ray router
+(app/ray_engine/remote_search.py). Prints JSON: per-shard memory, query latency (p50/p95, by stage), and
+the bytes that travel per query.
+
+Synthetic: random unit global descriptors (the real exact search over them); every reference's local map
+is one of a small pool (--pool) written once, so that 1 M references do not need 476 GB of disk (each
+candidate's map is still read from disk and matched). Location shards are contiguous id ranges.
+
+Run it where nothing can leave the machine, as the tests do:
+
+    unshare -n sh -c 'ip link set lo up && .venv/bin/python -m bench.scale --images 1000000 --shards 4'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from bench.common import machine
+from index_builder.global_index import GlobalIndexConfig
+from index_builder.manifest import CheckpointRecord, EncodingIdentity, IndexManifest
+from index_builder.sharding import BoundingBox, ShardPlan, shard_key
+from index_builder.store import ImageRecord, IndexVersion, ShardImage, encode_local, write_shard
+from index_builder.store.location_shards import ids_file, index_file
+from index_builder.store.metadata import write_metadata
+from index_builder.store.versions import CURRENT, VERSIONS
+
+CITY_LAT, CITY_LON = 35.68, 139.76  # references spread over a 0.2 x 0.2 degree box (Tokyo)
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    return x
+
+
+def write_synthetic_index(root: Path, images: int, shards: int, dim: int, map_shape, pool: int) -> dict:
+    """A published version with `images` references in `shards` location shards; returns what it cost."""
+    started = time.monotonic()
+    rng = np.random.default_rng(0)
+    identity = EncodingIdentity(
+        fingerprint="synthetic",
+        local_mode="local_head",
+        image_size=224,
+        exif_transpose=True,
+        local_dtype="int8",
+        global_dim=dim,
+        local_shape=tuple(map_shape),
+        feature_block="final",
+    )
+    maps = torch.nn.functional.normalize(torch.randn(pool, *map_shape), dim=-1).numpy()
+    segment = write_shard(
+        root / "shards",
+        identity,
+        [ShardImage(f"pool{i}", 224, 224, None) for i in range(pool)],
+        {"global": _unit(rng, pool, dim), **encode_local(maps, "int8")},
+    )
+    version_dir = root / VERSIONS / "v000001"
+    version_dir.mkdir(parents=True)
+    lats = CITY_LAT + rng.uniform(0, 0.2, images)
+    lons = CITY_LON + rng.uniform(0, 0.2, images)
+    write_metadata(
+        version_dir / "meta.sqlite",
+        (
+            ImageRecord(
+                id=i,
+                path=f"synthetic/{i:07d}.jpg",
+                content_hash=f"{i:064x}",
+                file_size=0,
+                mtime_ns=0,
+                width=224,
+                height=224,
+                lat=float(lats[i]),
+                lon=float(lons[i]),
+                utm_east=None,
+                utm_north=None,
+                utm_zone=None,
+                location_source="synthetic",
+                exif_location=None,
+                added_at="",
+                shard=segment,
+                row=i % pool,
+            )
+            for i in range(images)
+        ),
+    )
+    bounds = np.linspace(0, images, shards + 1).astype(int)
+    plans = []
+    for k in range(shards):
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        index = faiss.IndexFlatIP(dim)
+        for start in range(lo, hi, 100_000):
+            index.add(_unit(rng, min(100_000, hi - start), dim))
+        faiss.write_index(index, str(version_dir / index_file(shard_key(k))))
+        np.save(version_dir / ids_file(shard_key(k)), np.arange(lo, hi, dtype=np.int64))
+        box = BoundingBox(
+            float(lats[lo:hi].min()),
+            float(lats[lo:hi].max()),
+            float(lons[lo:hi].min()),
+            float(lons[lo:hi].max()),
+        )
+        plans.append(ShardPlan(shard_key(k), k, k + 1, hi - lo, hi - lo, box))  # ranges: ids, not cells
+    manifest = IndexManifest(
+        encoding=identity,
+        checkpoint=CheckpointRecord("synthetic", "synthetic", "synthetic descriptors", "synthetic"),
+        references="synthetic",
+        count=images,
+        global_index=GlobalIndexConfig(),
+        shards=[],
+        location_shards=plans,
+        version="v000001",
+    )
+    manifest.write(version_dir / "manifest.json")
+    (root / CURRENT).write_text("v000001\n")
+    disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return {"write_s": round(time.monotonic() - started, 1), "disk_bytes": disk}
+
+
+class _Response:
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self, timeout_s: float | None = None):
+        return self.value
+
+    def cancel(self) -> None:
+        pass
+
+
+class _FixedEncoder:
+    """Stands in for the encoder deployment: the queries' features are given (no images here)."""
+
+    def __init__(self, features: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+        self.features, self.encode = features, self
+
+    def remote(self, tensor: np.ndarray) -> _Response:
+        return _Response(self.features[int(tensor.flat[0])])
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _bytes_per_query(results_k: int, shards: int, owners: int, dim: int, map_shape, rerank_k: int) -> dict:
+    """What the router sends and receives for one query, pickled as Ray ships it."""
+    query_global = np.zeros((1, dim), np.float32)
+    query_local = np.zeros(map_shape, np.float32)
+    top_reply = [(np.zeros(results_k, np.float32), np.zeros(results_k, np.int64))]
+    per_owner_ids = np.zeros(max(1, rerank_k // max(owners, 1)), np.int64)
+    sent = shards * len(pickle.dumps((query_global, results_k))) + owners * len(
+        pickle.dumps((query_local, per_owner_ids, "float32"))
+    )
+    received = shards * len(pickle.dumps(top_reply)) + owners * len(
+        pickle.dumps(np.zeros(len(per_owner_ids)))
+    )
+    candidate_maps = rerank_k * int(np.prod(map_shape)) * (1 + 2 / map_shape[-1])  # int8 + float16 scales
+    return {
+        "sent": sent,
+        "received": received,
+        "total": sent + received,
+        "shards_asked_for_counts": owners,
+        "candidate_maps_not_moved": int(candidate_maps),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    import ray
+    from ray import serve
+
+    from app.metrics import Metrics
+    from app.ray_engine.deployments import ShardServer
+    from app.ray_engine.remote_search import CallPolicy, RemoteLocalizer
+    from model.matching.precision import Precision
+
+    map_shape = tuple(int(x) for x in args.map.split(","))
+    work = Path(tempfile.mkdtemp(prefix="selavpr-scale-", dir=args.work_dir))
+    report: dict = {
+        "machine": machine(torch.device("cpu")),
+        "load_average_before": os.getloadavg(),
+        "images": args.images,
+        "shards": args.shards,
+        "dim": args.dim,
+        "map_shape": map_shape,
+        "pool": args.pool,
+        "rerank_k": args.rerank_k,
+        "queries": args.queries,
+    }
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        report["index"] = write_synthetic_index(
+            work, args.images, args.shards, args.dim, map_shape, args.pool
+        )
+        started = time.monotonic()
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=256 * 2**20,
+            _node_ip_address="127.0.0.1",
+            logging_level="WARNING",
+        )
+        version = "v000001"
+        handles = [
+            serve.run(
+                ShardServer.options(name=shard_key(k), ray_actor_options={"num_cpus": 0}).bind(
+                    str(work), version, k, None
+                ),
+                name=shard_key(k),
+                route_prefix=None,
+            )
+            for k in range(args.shards)
+        ]
+        report["deploy_s"] = round(time.monotonic() - started, 1)
+        pids = [h.ping.remote().result(timeout_s=60) for h in handles]
+        rng = np.random.default_rng(1)
+        pool_maps = IndexVersion(work, version, load_global=False).read_local(list(range(args.pool)))
+        features = {q: (_unit(rng, 1, args.dim)[0], pool_maps[q % args.pool]) for q in range(args.queries)}
+        index = IndexVersion(work, version, load_global=False)
+        router = RemoteLocalizer(
+            index,
+            _FixedEncoder(features),
+            handles,
+            Precision(args.precision),
+            Metrics(),
+            CallPolicy(timeout_s=120),
+        )
+        latencies, search, rerank = [], [], []
+        for q in range(args.queries):
+            tensor = torch.full((1, 3, 2, 2), float(q))
+            t0 = time.perf_counter()
+            (result,) = router.run(tensor, [args.top_k], [args.rerank_k], [None])
+            latencies.append(time.perf_counter() - t0)
+            search.append(result.timings_ms.search / 1e3)
+            rerank.append(result.timings_ms.rerank / 1e3)
+            assert not result.partial and len(result.matches) == args.top_k
+        # which shards the candidates of a query came from (random descriptors: spread over all)
+        tops = [
+            h.top.remote(features[0][0][None], args.rerank_k, version).result(timeout_s=120).value[0]
+            for h in handles
+        ]
+        merged = sorted(
+            (s, i, k) for k, (scores, ids) in enumerate(tops) for s, i in zip(-scores, ids, strict=True)
+        )
+        owners = len({k for _, _, k in merged[: args.rerank_k]})
+
+        def stats(values: list[float]) -> dict:
+            return {
+                "p50_s": round(float(np.percentile(values, 50)), 4),
+                "p95_s": round(float(np.percentile(values, 95)), 4),
+            }
+
+        report["latency"] = {
+            "total": stats(latencies),
+            "global_search": stats(search),
+            "rerank": stats(rerank),
+        }
+        report["per_shard"] = [
+            {
+                "shard": shard_key(k),
+                "references": plan.count,
+                "global_index_bytes": plan.count * args.dim * 4,
+                "replica_rss_bytes": _rss_bytes(pid),
+            }
+            for k, (plan, pid) in enumerate(zip(index.manifest.location_shards, pids, strict=True))
+        ]
+        report["bytes_per_query"] = _bytes_per_query(
+            args.rerank_k, args.shards, owners, args.dim, map_shape, args.rerank_k
+        )
+        report["load_average_after"] = os.getloadavg()
+        index.close()
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=1_000_000)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument(
+        "--dim", type=int, default=384, help="global descriptor length (ViT-S 384, ViT-L 1024)"
+    )
+    parser.add_argument("--map", default="61,61,128", help="local map shape h,w,C (the authors' 61x61x128)")
+    parser.add_argument("--pool", type=int, default=64, help="distinct local maps on disk")
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--rerank-k", type=int, default=100)
+    parser.add_argument("--precision", default="float32")
+    parser.add_argument(
+        "--work-dir", default=None, help="where the synthetic index is written (removed after)"
+    )
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""`selavpr serve --engine ray` on a real local Ray cluster (tests/ray_cluster_scenario.py drives it):
+the cluster runs inside a loopback-only network namespace (`unshare -n`: nothing can leave the machine),
+without usage statistics or dashboard, its replicas reserving no CPU. Every shared image's answer must
+equal the single-process answer on a 2-shard and a 4-shard index (ids, order, MNN counts, location; the
+global scores to their 6th decimal, see ray_cluster_scenario._compare_all); a shard replica killed
+under traffic must give partial answers, never a 5xx nor a wait past the deadlines, then complete answers
+once Ray has restarted it; a rebuild published under traffic is served without a failed or partial
+answer. Nothing the test starts may outlive it.
+
+About 3 minutes on the project's 2-core machine; needs root, `unshare` and `ip` (CI has them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from index_builder.search import Localizer
+from index_builder.store import IndexVersion
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD_TIMEOUT_S = 2.0
+RECOVERY_S = 120.0
+
+
+def _namespace_available() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for a private network namespace (unshare -n)"
+    for tool in ("unshare", "ip"):
+        if shutil.which(tool) is None:
+            return f"needs `{tool}`"
+    return None
+
+
+@pytest.fixture(scope="module")
+def ray_installed():
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("ray[serve] is not installed: `make install-dev` installs the ray extra")
+        pytest.skip("ray[serve] is not installed (pip install -e '.[ray]')")
+    missing = _namespace_available()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+
+
+def _session_processes(sid: int) -> list[str]:
+    """`pid command` of every process still in the session the scenario was started in."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
+    return [f"{r[0]} {r[2] if len(r) > 2 else ''}" for r in rows if len(r) >= 2 and int(r[1]) == sid]
+
+
+def test_ray_cluster_answers_exactly_and_survives_a_killed_shard(
+    ray_installed, sharded_shared_indexes, tmp_path, isolated_cache
+):
+    dirs, extractor, queries, _ = sharded_shared_indexes
+    single = Localizer(IndexVersion.open_current(dirs[1]), extractor)
+    references = queries[0].parents[3]
+    expected = {}
+    for path in queries:
+        answer = single.localize(path, path.name, 5).model_dump(mode="json")
+        key = path.relative_to(references).as_posix()
+        expected[key] = {k: v for k, v in answer.items() if k not in ("timings_ms", "index_version")}
+    # the run that rebuilds serves copies: the session's indexes and references stay as they are
+    rebuild_refs, rebuild_index = tmp_path / "refs", tmp_path / "index-2"
+    shutil.copytree(references, rebuild_refs)
+    shutil.copytree(dirs[2], rebuild_index)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay short
+    config = {
+        "queries": [str(p) for p in queries],
+        "expected": expected,
+        "references": str(references),
+        "rebuild_references": str(rebuild_refs),
+        "cache_dir": str(isolated_cache),
+        "ray_tmp": str(ray_tmp),
+        "log_dir": str(tmp_path),
+        "shard_timeout_s": SHARD_TIMEOUT_S,
+        "recovery_s": RECOVERY_S,
+        "runs": [
+            {"shards": 2, "index_dir": str(rebuild_index), "kill": True},
+            {"shards": 4, "index_dir": str(dirs[4])},
+        ],
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    report_path = tmp_path / "report.json"
+    scenario = f"{sys.executable} -m tests.ray_cluster_scenario {tmp_path / 'config.json'} {report_path}"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {scenario}"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own session: whatever it leaves behind can be found by its id
+    )
+    try:
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        leftovers = _session_processes(proc.pid)
+        if leftovers:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    seconds = time.monotonic() - started
+    logs = "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("serve-*.log")))
+    assert proc.returncode == 0, output[-5000:] + logs
+    assert leftovers == [], f"processes outlived the scenario: {leftovers}"
+    report = json.loads(report_path.read_text())
+    print(json.dumps({"seconds": round(seconds, 1), **_summary(report)}, indent=1))
+    runs = {run["shards"]: run for run in report["runs"]}
+    assert set(runs) == {2, 4}
+    for shards, run in runs.items():
+        assert run["ready"]["shards_without_replica"] == [], run["ready"]
+        assert run["compare"]["queries"] == len(queries)
+        assert run["compare"]["mismatches"] == [], (shards, run["compare"]["mismatches"][:2])
+    kill = runs[2]["kill"]
+    assert kill["killed_pids"], "no replica process of shard-01 was found"
+    answers = kill["answers"]
+    assert all(a["status"] == 200 for a in answers), [a for a in answers if a["status"] != 200]
+    after = [a for a in answers if a["t"] > 0]
+    assert any(a["partial"] for a in after), "no answer was flagged partial after the kill"
+    for a in after:
+        if a["partial"]:
+            assert a["missing"] == ["shard-01"] and 0 < a["coverage"] < 1
+    # deadline: the encoder, the search and the counts each at most two tries of SHARD_TIMEOUT_S
+    assert max(a["elapsed_s"] for a in answers) < 3 * 2 * SHARD_TIMEOUT_S + 10
+    assert kill["recovered_after_s"] is not None, "answers never became complete again"
+    assert runs[2]["compare_after"]["mismatches"] == []
+    assert any(line.startswith("selavpr_shard_partial_answers") for line in runs[2]["metrics"])
+    rebuild = runs[2]["rebuild"]
+    assert rebuild["build_returncode"] == 0, rebuild["build_stderr"]
+    versions = [a["version"] for a in rebuild["answers"]]
+    assert rebuild["published"] in versions, "the published version was never served"
+    assert all(a["status"] == 200 and a["partial"] is False for a in rebuild["answers"]), rebuild["answers"]
+    switched = versions.index(rebuild["published"])
+    assert set(versions[switched:]) == {rebuild["published"]}  # no answer from the old version after
+    removed = "matching_triplets/p9/i2/"
+    assert not any(p.startswith(removed) for a in rebuild["answers"][switched:] for p in a["paths"])
+
+
+def _summary(report: dict) -> dict:
+    out = {}
+    for run in report["runs"]:
+        latencies = sorted(run["compare"]["latencies_s"])
+        item = {
+            "ready_s": run["ready_s"],
+            "seconds": run["seconds"],
+            "query_p50_s": round(latencies[len(latencies) // 2], 3),
+            "max_score_diff": run["compare"]["max_score_diff"],
+        }
+        if "kill" in run:
+            answers = run["kill"]["answers"]
+            item |= {
+                "answers_during_kill": len(answers),
+                "partial": sum(1 for a in answers if a["partial"]),
+                "recovered_after_s": run["kill"]["recovered_after_s"],
+                "slowest_s": round(max(a["elapsed_s"] for a in answers), 2),
+                "answers_during_rebuild": len(run["rebuild"]["answers"]),
+                "slowest_during_rebuild_s": round(max(a["elapsed_s"] for a in run["rebuild"]["answers"]), 2),
+            }
+        out[f"shards_{run['shards']}"] = item
+    return out
