@@ -42,6 +42,9 @@ def index_status(index_dir: Path, verify: bool = False) -> dict[str, Any]:
         "checkpoint": asdict(manifest.checkpoint),
         "global_index": manifest.global_index.to_dict(),
         "shards": len(manifest.shards),
+        "location_shards": [
+            {"key": s.key, "count": s.count, "located": s.located} for s in manifest.location_shards
+        ],
         "last_report": asdict(report) if report else None,
     }
     if verify:

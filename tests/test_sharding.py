@@ -25,6 +25,7 @@ from index_builder.sharding import (
     partition,
     shards_for,
 )
+from index_builder.status import index_status
 from index_builder.store import IndexVersion
 from model.matching import mnn_scores
 from model.matching.precision import Precision
@@ -251,7 +252,11 @@ def test_sharded_index_records_its_shards_in_the_manifest(shared_indexes):
         manifest = json.loads((version.dir / "manifest.json").read_text())
         for plan in plans:
             assert f"{plan.key}.faiss" in manifest["files"] and f"{plan.key}.ids.npy" in manifest["files"]
+        status = index_status(dirs[shards], verify=True)
+        assert [s["count"] for s in status["location_shards"]] == [p.count for p in plans]
+        assert status["verification"]["ok"]  # the shards' files are checksummed with the version
     assert IndexVersion.open_current(dirs[1]).manifest.location_shards == []
+    assert index_status(dirs[1])["location_shards"] == []
 
 
 @pytest.mark.parametrize("shards", [2, 4])
