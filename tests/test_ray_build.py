@@ -4,7 +4,7 @@ identity, search answers); a second build re-encodes nothing, one after an image
 image; a corrupt image is skipped and reported. Ray runs as a real local cluster (2 CPUs, 2 encoder
 actors) inside a loopback-only network namespace (tests/ray_build_scenario.py), usage statistics off,
 no dashboard; nothing it starts may outlive the test. A tiny checkpoint and a handful of shared images
-keep it short (about 40 s on the project's 2-core machine); needs root, `unshare` and `ip` (CI has them).
+keep it short (about 50 s on the project's 2-core machine); needs root, `unshare` and `ip` (CI has them).
 """
 
 from __future__ import annotations
