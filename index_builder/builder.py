@@ -5,8 +5,8 @@ Stages, top to bottom in `build_index`:
    previous version keeps its recorded hash);
 2. plan: content already encoded with the same model (in the previous version, or in shards a killed
    build left behind) is reused; the rest is encoded;
-3. encode: worker threads decode and preprocess ahead of the model, batches go through the network,
-   features go to new shards as they fill;
+3. encode: the images to encode are planned into batches and handed to an encoder (`encoding.py`:
+   this process, or a Ray Data actor pool); features go to new shards as they fill;
 4. publish: metadata, FAISS index and manifest written aside, then the CURRENT pointer swapped; old
    versions and unused shards are removed after the grace period.
 """
@@ -16,23 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from index_builder.encoding import Encoder, LocalEncoder, plan_batches
 from index_builder.global_index import GlobalIndexConfig, build_global_index
-from index_builder.locations import (
-    CsvEntry,
-    Location,
-    exif_location_of,
-    location_from_filename,
-    read_location_csvs,
-)
+from index_builder.locations import CsvEntry, Location, location_from_filename, read_location_csvs
 from index_builder.manifest import BuildReport, CheckpointRecord, EncodingIdentity, IndexManifest, ShardEntry
 from index_builder.sharding import MAX_SHARDS, Partition, Reference, partition
 from index_builder.sources import ReferenceImage, content_hash, scan_references
@@ -48,7 +41,6 @@ from index_builder.store import (
     ShardFiles,
     ShardImage,
     collect_garbage,
-    encode_local,
     now_iso,
     publish_version,
     read_shard_meta,
@@ -57,9 +49,7 @@ from index_builder.store import (
 )
 from index_builder.store.location_shards import write_location_shards
 from model.config import FeatureBlock
-from model.errors import ImageDecodeError
 from model.extractor import FeatureExtractor
-from model.preprocess import open_rgb
 
 log = logging.getLogger(__name__)
 # Merging per-shard top-N lists gives the unsharded answer only when each list is exact.
@@ -122,7 +112,10 @@ def build_index(
     config: BuildConfig,
     extractor: FeatureExtractor | None = None,
     on_progress: ProgressCallback | None = None,
+    encoder: Encoder | None = None,
 ) -> BuildReport:
+    """`extractor` defines the encoding identity (and encodes, unless `encoder` is given: e.g. a
+    `RayDataEncoder` running the same model on a Ray Data actor pool)."""
     started = time.monotonic()
     progress = BuildProgress()
     notify = on_progress or (lambda p: None)
@@ -154,8 +147,9 @@ def build_index(
         )
         reused_hashes = set(available)
         encode_started = time.monotonic()
+        encoder = encoder or LocalEncoder(extractor, config.local_dtype, config.decode_workers)
         skipped = unusable + _encode_missing(
-            config, extractor, identity, images, hashes, available, progress, notify
+            config, encoder, identity, images, hashes, available, progress, notify
         )
         encode_seconds = time.monotonic() - encode_started
 
@@ -318,7 +312,7 @@ def _reusable_content(
 
 def _encode_missing(
     config: BuildConfig,
-    extractor: FeatureExtractor,
+    encoder: Encoder,
     identity: EncodingIdentity,
     images: Sequence[ReferenceImage],
     hashes: dict[str, str],
@@ -337,64 +331,27 @@ def _encode_missing(
     notify(progress)
     if not todo:
         return []
-    batch_size = config.batch_size or (64 if extractor.device.type == "cuda" else 16)
+    batches = plan_batches(todo, config.batch_size or encoder.default_batch_size())
     writer = _ShardBuffer(config.index_dir / SHARDS, identity, config.shard_size, available)
     skipped: list[tuple[str, str]] = []
     started = time.monotonic()
-    batch: list[tuple[ReferenceImage, ShardImage, torch.Tensor]] = []
-    for image, decoded in _decode_ahead(todo, extractor, config.decode_workers, 2 * batch_size):
-        if isinstance(decoded, str):
-            skipped.append((image.rel_path, decoded))
-        else:
-            shard_image, tensor = decoded
-            batch.append((image, ShardImage(hashes[image.rel_path], *shard_image), tensor))
-        if len(batch) == batch_size:
-            writer.add(batch, *extractor.extract_tensors(torch.stack([t for _, _, t in batch])))
-            batch = []
-        _advance(progress, notify, started)
-    if batch:
-        writer.add(batch, *extractor.extract_tensors(torch.stack([t for _, _, t in batch])))
+    for encoded in encoder.encode(batches):
+        skipped += encoded.skipped
+        pairs = zip(encoded.images, encoded.metas, strict=True)
+        shard_images = [ShardImage(hashes[image.rel_path], *meta) for image, meta in pairs]
+        writer.add(shard_images, encoded.global_desc, encoded.local)
+        _advance(progress, notify, started, encoded.size)
     writer.flush()
     return skipped
 
 
-def _advance(progress: BuildProgress, notify: ProgressCallback, started: float) -> None:
-    progress.done += 1
+def _advance(progress: BuildProgress, notify: ProgressCallback, started: float, count: int) -> None:
+    progress.done += count
     elapsed = time.monotonic() - started
     progress.images_per_s = progress.done / elapsed if elapsed > 0 else 0.0
     left = progress.total - progress.done
     progress.eta_s = left / progress.images_per_s if progress.images_per_s > 0 else None
     notify(progress)
-
-
-Decoded = tuple[tuple[int, int, dict | None], torch.Tensor] | str
-
-
-def _decode_ahead(
-    todo: Sequence[ReferenceImage], extractor: FeatureExtractor, workers: int, window: int
-) -> Iterator[tuple[ReferenceImage, Decoded]]:
-    """Decode and preprocess in worker threads, up to `window` images ahead of the model, in order.
-    Pillow and torch release the GIL, so decoding overlaps the network's forward pass."""
-    prep = extractor.preprocessing
-
-    def decode(image: ReferenceImage) -> Decoded:
-        try:
-            rgb = open_rgb(image.abs_path, prep.exif_transpose, prep.max_pixels, image.rel_path)
-        except ImageDecodeError as exc:
-            return str(exc)
-        exif = exif_location_of(image.abs_path)
-        meta = (rgb.width, rgb.height, asdict(exif) if exif else None)
-        return meta, prep.transform(rgb)
-
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
-        pending: list[tuple[ReferenceImage, Future]] = []
-        for image in todo:
-            pending.append((image, pool.submit(decode, image)))
-            if len(pending) > window:
-                done_image, future = pending.pop(0)
-                yield done_image, future.result()
-        for done_image, future in pending:
-            yield done_image, future.result()
 
 
 class _ShardBuffer:
@@ -409,10 +366,13 @@ class _ShardBuffer:
         self.globals: list[np.ndarray] = []
         self.locals: list[dict[str, np.ndarray]] = []
 
-    def add(self, batch, global_desc: torch.Tensor, local: torch.Tensor) -> None:
-        self.images += [shard_image for _, shard_image, _ in batch]
-        self.globals.append(global_desc.float().cpu().numpy())
-        self.locals.append(encode_local(local.float().cpu().numpy(), self.identity.local_dtype))
+    def add(self, images: list[ShardImage], global_desc: np.ndarray, local: dict[str, np.ndarray]) -> None:
+        """`global_desc` (n, D) float32 and `local` (the `encode_local` arrays) of `images`."""
+        if not images:
+            return
+        self.images += images
+        self.globals.append(global_desc)
+        self.locals.append(local)
         if len(self.images) >= self.capacity:
             self.flush()
 

@@ -103,18 +103,25 @@ def test_dockerfiles_copy_exactly_the_shipped_packages():
         )
 
 
-def test_engine_ray_without_the_ray_extra_says_how_to_install_it(tmp_path):
+@pytest.mark.parametrize(
+    ("argv", "needs"),
+    [
+        (["serve", "--engine", "ray", "--index-dir", "idx"], "Ray Serve"),
+        (["index", "build", "--engine", "ray", "--references", "refs", "--index-dir", "idx"], "Ray Data"),
+    ],
+)
+def test_engine_ray_without_the_ray_extra_says_how_to_install_it(tmp_path, argv, needs):
     script = Path(sys.executable).parent / "selavpr"
     runner = RUNNER.split("script, commands")[0] + textwrap.dedent(
         """
         import runpy
-        sys.argv = ["selavpr", "serve", "--engine", "ray", "--index-dir", "idx"]
+        sys.argv = ["selavpr", *ARGV]
         try:
             runpy.run_path(sys.argv_script, run_name="__main__")
         except SystemExit as exc:
             print(f"EXIT {exc.code}")
         """
-    ).replace("sys.argv_script", repr(str(script)))
+    ).replace("sys.argv_script", repr(str(script))).replace("ARGV", repr(argv))
     result = subprocess.run(
         [sys.executable, "-c", runner, ",".join(sorted(dev_only_modules()))],
         capture_output=True,
@@ -124,4 +131,4 @@ def test_engine_ray_without_the_ray_extra_says_how_to_install_it(tmp_path):
         env={"SELAVPR_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"},
     )
     assert "EXIT 2" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "--engine ray needs Ray Serve" in result.stderr and 'pip install -e ".[ray]"' in result.stderr
+    assert f"--engine ray needs {needs}" in result.stderr and 'pip install -e ".[ray]"' in result.stderr

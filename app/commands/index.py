@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -12,6 +13,7 @@ from tqdm import tqdm
 from app.commands.common import add_model_options, positive_int, print_json
 from index_builder.builder import BuildConfig, BuildProgress, build_index
 from index_builder.global_index import KINDS, GlobalIndexConfig
+from index_builder.manifest import BuildReport
 from index_builder.status import index_status
 from index_builder.store import DEFAULT_GRACE_SECONDS, DEFAULT_LOCAL_DTYPE, LOCAL_DTYPES
 
@@ -44,6 +46,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep superseded versions this long",
     )
     add_model_options(build)
+    ray = build.add_argument_group("--engine ray (the optional Ray extra)")
+    ray.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: encode in this process; ray: on a Ray Data actor pool (same features, bit for bit)",
+    )
+    ray.add_argument(
+        "--ray-address", default=None, help="a running cluster (auto, host:6379); else start a local one"
+    )
+    ray.add_argument("--ray-num-cpus", type=positive_int, default=None, help="CPUs of a cluster started here")
+    ray.add_argument(
+        "--ray-actors", type=positive_int, default=None, help="encoder actors (default: GPUs or 1)"
+    )
+    ray.add_argument("--ray-actor-cpus", type=float, default=1.0, help="CPUs each actor reserves")
+    ray.add_argument(
+        "--ray-actor-threads",
+        type=positive_int,
+        default=None,
+        help="torch threads per actor (default: this process's; the same count gives the same bits)",
+    )
+    ray.add_argument(
+        "--ray-actor-gpus",
+        type=float,
+        default=None,
+        help="GPUs per actor (default: 1 when the cluster has GPUs)",
+    )
     build.set_defaults(run=run_build)
 
     status = actions.add_parser("status", help="print the published version and the last build report")
@@ -71,14 +100,65 @@ def run_build(args: argparse.Namespace) -> int:
         grace_seconds=args.grace_seconds,
         shards=args.shards,
     )
-    with ProgressBar() as bar:
-        report = build_index(config, on_progress=bar.update)
+    if args.engine == "ray":
+        report = _build_on_ray(config, args)
+    else:
+        with ProgressBar() as bar:
+            report = build_index(config, on_progress=bar.update)
     for skipped in report.skipped_files:
         print(f"skipped {skipped['path']}: {skipped['reason']}", file=sys.stderr)
     for problem in report.location_problems:
         print(f"locations: {problem}", file=sys.stderr)
     print(json.dumps(report.summary()))
     return 0
+
+
+def _build_on_ray(config: BuildConfig, args: argparse.Namespace) -> BuildReport:
+    """The same build with its encoding on Ray Data (index_builder/ray_build.py); the driver's model,
+    on CPU, only states the encoding identity that the actors must reproduce."""
+    from app.ray_engine import require_ray_data
+
+    try:
+        require_ray_data()
+    except RuntimeError as exc:
+        raise ValueError(str(exc)) from None  # one line, exit 2 (app.cli)
+    import ray
+
+    from index_builder.builder import encoding_identity
+    from index_builder.ray_build import ExtractorSpec, RayBuildOptions, RayDataEncoder, ray_session
+    from model.extractor import FeatureExtractor
+
+    options = RayBuildOptions(address=args.ray_address, num_cpus=args.ray_num_cpus)
+    with ray_session(options):
+        cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+        gpus = args.ray_actor_gpus if args.ray_actor_gpus is not None else (1.0 if cluster_gpus else 0.0)
+        actors = args.ray_actors or max(1, cluster_gpus if gpus else 1)
+        options = replace(
+            options,
+            actors=actors,
+            actor_cpus=args.ray_actor_cpus,
+            actor_threads=args.ray_actor_threads,
+            actor_gpus=gpus,
+        )
+        spec = ExtractorSpec(
+            checkpoint=config.checkpoint,
+            device="cuda" if gpus > 0 else "cpu",
+            image_size=config.image_size,
+            local_mode=config.local_mode,
+            feature_block=config.feature_block,
+            model_dtype=config.model_dtype,
+        )
+        extractor = FeatureExtractor.from_checkpoint(
+            config.checkpoint,
+            "cpu",
+            image_size=config.image_size,
+            local_mode=config.local_mode,
+            feature_block=config.feature_block,
+            model_dtype=config.model_dtype,
+        )
+        encoder = RayDataEncoder(spec, encoding_identity(extractor, config.local_dtype), options)
+        with ProgressBar() as bar:
+            return build_index(config, extractor, on_progress=bar.update, encoder=encoder)
 
 
 def run_status(args: argparse.Namespace) -> int:
