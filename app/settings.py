@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         60.0, gt=0, description="a /localize request not answered by then gets 503; its work is dropped"
     )
     retry_after_s: int = Field(2, ge=1, description="the Retry-After of a 503 for a full queue")
+    heavy_rerank_k: int = Field(
+        DEFAULT_RERANK_K,
+        ge=1,
+        description="queries re-ranking more candidates run on a second worker, beside the ordinary ones",
+    )
     shard_timeout_s: float = Field(
         5.0,
         gt=0,
