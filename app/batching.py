@@ -1,6 +1,7 @@
 """Micro-batching with fairness and bounds: concurrent /localize queries share one model forward.
 
-One worker owns the model. Each request's queries wait in their own queue; a batch takes at most one
+One worker thread per batcher runs its batches (the service has two batchers, an ordinary and a heavy
+lane: app/service.py). Each request's queries wait in their own queue; a batch takes at most one
 query per request per pass, cheapest first (cost: the candidates to re-rank), up to `max_batch` queries
 and `max_cost`, so a request of 16 expensive queries is served a query at a time and an ordinary query
 waits for about one batch, not behind all of them (the cost is aged by waiting: see `_take`).
