@@ -3,7 +3,8 @@ positions against all query positions, reduced to both argmaxes in registers. Th
 reaches GPU memory, which bounds the tiled engine there (reducers read every tile back several times).
 
 For the 16-bit and int8 precisions on CUDA. Float32 stays on cuBLAS: its products are the authors' to the
-bit, and a kernel of our own would sum in another order and could move a near-tie.
+bit, and a kernel of our own would sum in another order and could move a near-tie. With 16-bit operands
+the similarities stay float32 here (the tiles round them to 16 bits); int8 matches the tiles exactly.
 
 Each program takes one candidate and BM of its positions, loops over the query in blocks of BN:
 - best query position of each candidate position: a running (max, first argmax) in registers;
@@ -63,10 +64,9 @@ def fused_best_matches(
     best_c_of_q (k, L_q) int64, best_q_of_c (k, L_c) int64. The block sizes and warps are tuning knobs
     (bench.rerank --fused-sweep); results do not depend on them."""
     module = _kernel()
+    query, chunk = _padded_channels(query), _padded_channels(chunk)
     k, l_c, channels = chunk.shape
     l_q = query.shape[0]
-    if channels & (channels - 1) or channels < 16:
-        raise ValueError(f"the fused kernel takes a power-of-two channel count >= 16, got {channels}")
     blocks = -(-l_c // block_m)
     device = chunk.device
     best_q = torch.empty(k, l_c, dtype=torch.int64, device=device)
@@ -91,3 +91,11 @@ def fused_best_matches(
     first_block = part_val.argmax(dim=1, keepdim=True)  # torch.argmax: the first maximum, lowest block
     best_c = part_idx.gather(1, first_block).squeeze(1).long()
     return best_c, best_q
+
+
+def _padded_channels(maps: torch.Tensor) -> torch.Tensor:
+    """Zeros appended to the channels up to a power of two >= 16 (what tl.arange and tl.dot take; ViT-S
+    patch tokens have 384): zero terms leave every dot product as it was."""
+    channels = maps.shape[-1]
+    target = max(16, 1 << (channels - 1).bit_length())
+    return maps if target == channels else torch.nn.functional.pad(maps, (0, target - channels))
