@@ -12,11 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +23,8 @@ from index_builder.search import Localizer
 from index_builder.store import SHARDS, IndexVersion, ShardFiles
 from model.extractor import FeatureExtractor
 from tests.helpers import tiny_checkpoint
-from tests.test_ray_cluster import _namespace_available, _session_processes
+from tests.isolated import namespace_available, run_isolated
 
-REPO = Path(__file__).resolve().parents[1]
 CORRUPT = "p9/broken.jpg"
 
 
@@ -42,7 +37,7 @@ def ray_available():
         if os.environ.get("CI"):
             pytest.fail("ray[data] is not installed: `make install-dev` installs the ray extra")
         pytest.skip("ray[data] is not installed (pip install -e '.[ray]')")
-    missing = _namespace_available()
+    missing = namespace_available()
     if missing:
         if os.environ.get("CI"):
             pytest.fail(missing)
@@ -125,34 +120,14 @@ def test_ray_data_build_equals_the_single_process_build(ray_available, shared_da
         "new_image": str(new_image),
         "ray_tmp": str(ray_tmp),
     }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    report_path = tmp_path / "report.json"
-    scenario = f"{sys.executable} -m tests.ray_build_scenario {tmp_path / 'config.json'} {report_path}"
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {scenario}"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own session: whatever it leaves behind can be found by its id
-    )
     try:
-        output, _ = proc.communicate(timeout=600)
+        run = run_isolated("tests.ray_build_scenario", config, tmp_path, timeout_s=600)
     finally:
-        leftovers = _session_processes(proc.pid)
-        for _ in range(20):  # a few seconds' grace for processes that are exiting
-            if not leftovers:
-                break
-            time.sleep(0.5)
-            leftovers = _session_processes(proc.pid)
-        if leftovers:
-            os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert proc.returncode == 0, output[-5000:]
-    assert leftovers == [], f"processes outlived the scenario: {leftovers}"
-    report = json.loads(report_path.read_text())
-    print(json.dumps({"seconds": round(time.monotonic() - started, 1), **report}, indent=1)[:3000])
+    assert run.returncode == 0, run.output[-5000:]
+    assert run.leftovers == [], f"processes outlived the scenario: {run.leftovers}"
+    report = run.report
+    print(json.dumps({"seconds": round(run.seconds, 1), **report}, indent=1)[:3000])
 
     cli = report["cli"]
     assert cli["returncode"] == 0, cli["stderr"]

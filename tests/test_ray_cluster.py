@@ -15,30 +15,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from index_builder.search import Localizer
 from index_builder.store import IndexVersion
+from tests.isolated import namespace_available, run_isolated
 
-REPO = Path(__file__).resolve().parents[1]
 SHARD_TIMEOUT_S = 2.0
 RECOVERY_S = 120.0
-
-
-def _namespace_available() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for a private network namespace (unshare -n)"
-    for tool in ("unshare", "ip"):
-        if shutil.which(tool) is None:
-            return f"needs `{tool}`"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +36,11 @@ def ray_installed():
         if os.environ.get("CI"):
             pytest.fail("ray[serve] is not installed: `make install-dev` installs the ray extra")
         pytest.skip("ray[serve] is not installed (pip install -e '.[ray]')")
-    missing = _namespace_available()
+    missing = namespace_available()
     if missing:
         if os.environ.get("CI"):
             pytest.fail(missing)
         pytest.skip(missing)
-
-
-def _session_processes(sid: int) -> list[str]:
-    """`pid command` of every process still in the session the scenario was started in."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
-    rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
-    return [f"{r[0]} {r[2] if len(r) > 2 else ''}" for r in rows if len(r) >= 2 and int(r[1]) == sid]
 
 
 def test_ray_cluster_answers_exactly_and_survives_a_killed_shard(
@@ -94,30 +74,15 @@ def test_ray_cluster_answers_exactly_and_survives_a_killed_shard(
             {"shards": 4, "index_dir": str(dirs[4])},
         ],
     }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    report_path = tmp_path / "report.json"
-    scenario = f"{sys.executable} -m tests.ray_cluster_scenario {tmp_path / 'config.json'} {report_path}"
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        ["unshare", "-n", "sh", "-c", f"ip link set lo up && exec {scenario}"],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its own session: whatever it leaves behind can be found by its id
-    )
     try:
-        output, _ = proc.communicate(timeout=900)
+        run = run_isolated("tests.ray_cluster_scenario", config, tmp_path, timeout_s=900)
     finally:
-        leftovers = _session_processes(proc.pid)
-        if leftovers:
-            os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    seconds = time.monotonic() - started
+    seconds = run.seconds
     logs = "\n".join(p.read_text()[-3000:] for p in sorted(tmp_path.glob("serve-*.log")))
-    assert proc.returncode == 0, output[-5000:] + logs
-    assert leftovers == [], f"processes outlived the scenario: {leftovers}"
-    report = json.loads(report_path.read_text())
+    assert run.returncode == 0, run.output[-5000:] + logs
+    assert run.leftovers == [], f"processes outlived the scenario: {run.leftovers}"
+    report = run.report
     print(json.dumps({"seconds": round(seconds, 1), **_summary(report)}, indent=1))
     runs = {run["shards"]: run for run in report["runs"]}
     assert set(runs) == {2, 4}
