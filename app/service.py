@@ -51,6 +51,19 @@ class PairsJob:
     max_pairs: int
 
 
+def served_extractor(settings: Settings, device: str | None = None) -> FeatureExtractor:
+    """The model as the settings describe it (on `device` instead of settings.device when given)."""
+    return FeatureExtractor.from_checkpoint(
+        settings.checkpoint,
+        device or settings.device,
+        image_size=settings.image_size,
+        local_mode=settings.local_mode,
+        feature_block=settings.feature_block,
+        max_pixels=settings.max_pixels,
+        model_dtype=settings.model_dtype,
+    )
+
+
 class VPRService:
     rebuilds_disabled: str | None = None  # why /index/rebuild is not offered, where it is not
 
@@ -64,18 +77,19 @@ class VPRService:
         # (and whole requests of them) wait and run in the heavy lane, so an ordinary query never waits
         # for their batches; the two share the cores while both run. One lane measured 7.1x the idle p95
         # for ordinary queries beside 16 clients of rerank_k=1000 batches (README "HTTP service").
-        self.batcher, self.heavy = (
-            MicroBatcher(
-                self._run_batch,
-                settings.max_batch_size,
-                settings.max_batch_wait_ms / 1e3,
-                on_batch=metrics.batch_size.observe,
-                max_queued=settings.max_queued_queries,
-                max_cost=settings.max_candidates_per_request,
-            )
-            for _ in range(2)
-        )
+        self.batcher, self.heavy = self._lane(), self._lane()
         self.decode_budget = MemoryBudget(settings.decode_memory_bytes)
+
+    def _lane(self) -> MicroBatcher:
+        s = self.settings
+        return MicroBatcher(
+            self._run_batch,
+            s.max_batch_size,
+            s.max_batch_wait_ms / 1e3,
+            on_batch=self.metrics.batch_size.observe,
+            max_queued=s.max_queued_queries,
+            max_cost=s.max_candidates_per_request,
+        )
 
     # --- life cycle ----------------------------------------------------------------------------------
 
@@ -92,15 +106,7 @@ class VPRService:
 
     def _load(self) -> None:
         s = self.settings
-        self.extractor = FeatureExtractor.from_checkpoint(
-            s.checkpoint,
-            s.device,
-            image_size=s.image_size,
-            local_mode=s.local_mode,
-            feature_block=s.feature_block,
-            max_pixels=s.max_pixels,
-            model_dtype=s.model_dtype,
-        )
+        self.extractor = served_extractor(s)
         log.info("serving %s on %s", self.extractor.info.description, self.extractor.device)
         self.rebuilds = RebuildManager(
             BuildConfig(references=s.references, index_dir=s.index_dir, grace_seconds=s.grace_seconds),

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,23 @@ def namespace_available() -> str | None:
         if shutil.which(tool) is None:
             return f"needs `{tool}`"
     return None
+
+
+def require_isolated(*modules: str, extra: str) -> None:
+    """Skip (fail under CI=true, whose set-up installs them) unless these modules import and a
+    loopback-only namespace can be made. `extra`: what to install, for the message."""
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError:
+            if os.environ.get("CI"):
+                pytest.fail(f"{extra} is not installed: `make install-dev` installs the ray extra")
+            pytest.skip(f"{extra} is not installed (pip install -e '.[ray]')")
+    missing = namespace_available()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
 
 
 @dataclass

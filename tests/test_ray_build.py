@@ -10,7 +10,6 @@ keep it short (about 50 s on the project's 2-core machine); needs root, `unshare
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,25 +22,14 @@ from index_builder.search import Localizer
 from index_builder.store import SHARDS, IndexVersion, ShardFiles
 from model.extractor import FeatureExtractor
 from tests.helpers import tiny_checkpoint
-from tests.isolated import namespace_available, run_isolated
+from tests.isolated import require_isolated, run_isolated
 
 CORRUPT = "p9/broken.jpg"
 
 
 @pytest.fixture(scope="module")
 def ray_available():
-    try:
-        import pyarrow  # noqa: F401
-        import ray.data  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("ray[data] is not installed: `make install-dev` installs the ray extra")
-        pytest.skip("ray[data] is not installed (pip install -e '.[ray]')")
-    missing = namespace_available()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(missing)
-        pytest.skip(missing)
+    require_isolated("pyarrow", "ray.data", extra="ray[data]")
 
 
 def _references(shared_data: Path, refs: Path) -> tuple[Path, Path]:

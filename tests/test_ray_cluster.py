@@ -13,7 +13,6 @@ About 3 minutes on the project's 2-core machine; needs root, `unshare` and `ip` 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 
 from index_builder.search import Localizer
 from index_builder.store import IndexVersion
-from tests.isolated import namespace_available, run_isolated
+from tests.isolated import require_isolated, run_isolated
 
 SHARD_TIMEOUT_S = 2.0
 RECOVERY_S = 120.0
@@ -30,17 +29,7 @@ RECOVERY_S = 120.0
 
 @pytest.fixture(scope="module")
 def ray_installed():
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("ray[serve] is not installed: `make install-dev` installs the ray extra")
-        pytest.skip("ray[serve] is not installed (pip install -e '.[ray]')")
-    missing = namespace_available()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(missing)
-        pytest.skip(missing)
+    require_isolated("ray", extra="ray[serve]")
 
 
 def test_ray_cluster_answers_exactly_and_survives_a_killed_shard(

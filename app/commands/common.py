@@ -70,6 +70,15 @@ def extractor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def add_engine_options(parser: argparse.ArgumentParser, ray_help: str, address_help: str) -> Any:
+    """--engine local|ray, --ray-address and --ray-num-cpus (index build, serve); the group, for more."""
+    ray = parser.add_argument_group("--engine ray (the optional Ray extra)")
+    ray.add_argument("--engine", choices=("local", "ray"), default="local", help=ray_help)
+    ray.add_argument("--ray-address", default=None, help=address_help)
+    ray.add_argument("--ray-num-cpus", type=positive_int, default=None, help="CPUs of a cluster started here")
+    return ray
+
+
 def print_json(payload: dict[str, Any]) -> None:
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")

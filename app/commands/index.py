@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from app.commands.common import add_model_options, positive_int, print_json
+from app.commands.common import add_engine_options, add_model_options, positive_int, print_json
 from index_builder.builder import BuildConfig, BuildProgress, build_index
 from index_builder.global_index import KINDS, GlobalIndexConfig
 from index_builder.manifest import BuildReport
@@ -46,17 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="keep superseded versions this long",
     )
     add_model_options(build)
-    ray = build.add_argument_group("--engine ray (the optional Ray extra)")
-    ray.add_argument(
-        "--engine",
-        choices=("local", "ray"),
-        default="local",
-        help="local: encode in this process; ray: on a Ray Data actor pool (same features, bit for bit)",
+    ray = add_engine_options(
+        build,
+        "local: encode in this process; ray: on a Ray Data actor pool (same features, bit for bit)",
+        "a running cluster (auto, host:6379); else start a local one",
     )
-    ray.add_argument(
-        "--ray-address", default=None, help="a running cluster (auto, host:6379); else start a local one"
-    )
-    ray.add_argument("--ray-num-cpus", type=positive_int, default=None, help="CPUs of a cluster started here")
     ray.add_argument(
         "--ray-actors", type=positive_int, default=None, help="encoder actors (default: GPUs or 1)"
     )

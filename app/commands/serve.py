@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.commands.common import feature_block, positive_int
+from app.commands.common import add_engine_options, feature_block, positive_int
 from app.settings import Settings
 
 # flag -> Settings field; every flag defaults to the environment / built-in default
@@ -46,17 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="serve the admin endpoints without a key beyond loopback (trusted networks only)",
     )
     parser.add_argument("--log-level", default="info")
-    ray = parser.add_argument_group("--engine ray (the optional Ray extra)")
-    ray.add_argument(
-        "--engine",
-        choices=("local", "ray"),
-        default="local",
-        help="local: this process; ray: Ray Serve deployments (one per location shard)",
+    ray = add_engine_options(
+        parser,
+        "local: this process; ray: Ray Serve deployments (one per location shard)",
+        "a running cluster (auto, host:6379); else start one",
     )
-    ray.add_argument(
-        "--ray-address", default=None, help="a running cluster (auto, host:6379); else start one"
-    )
-    ray.add_argument("--ray-num-cpus", type=positive_int, default=None, help="CPUs of a cluster started here")
     ray.add_argument("--shard-replicas", type=positive_int, default=1)
     ray.add_argument("--encoder-replicas", type=positive_int, default=1)
     ray.add_argument("--ingress-replicas", type=positive_int, default=1)

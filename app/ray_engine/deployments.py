@@ -24,13 +24,13 @@ from ray import serve
 from app.main import create_app
 from app.ray_engine.remote_search import ShardReply
 from app.ray_engine.service import RayVPRService
+from app.service import served_extractor
 from app.settings import Settings
 from index_builder.search import check_compatible
 from index_builder.shard_search import ShardSearcher
 from index_builder.sharding import shard_key
 from index_builder.store import IndexVersion, current_version_name
 from index_builder.store.versions import NO_INDEX_HINT
-from model.extractor import FeatureExtractor
 from model.matching.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,7 @@ class Encoder:
     """The model forward of /localize, batched over concurrent queries (from every ingress replica)."""
 
     def __init__(self, settings: Settings, version: str) -> None:
-        self.extractor = FeatureExtractor.from_checkpoint(
-            settings.checkpoint,
-            settings.device,
-            image_size=settings.image_size,
-            local_mode=settings.local_mode,
-            feature_block=settings.feature_block,
-            max_pixels=settings.max_pixels,
-            model_dtype=settings.model_dtype,
-        )
+        self.extractor = served_extractor(settings)
         index = IndexVersion(settings.index_dir, version, load_global=False)
         check_compatible(index, self.extractor)  # refuse to start rather than answer wrongly
         index.close()

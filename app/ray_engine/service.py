@@ -19,14 +19,13 @@ import torch
 
 from app.metrics import Metrics
 from app.ray_engine.remote_search import CallPolicy, RemoteLocalizer
-from app.service import LocalizeJob, VPRService
+from app.service import LocalizeJob, VPRService, served_extractor
 from app.settings import Settings
 from index_builder.errors import CheckpointMismatch
 from index_builder.results import LocalizeResult
 from index_builder.search import check_compatible
 from index_builder.sharding import shard_key
 from index_builder.store import IndexNotFound, IndexStoreError, IndexVersion, current_version_name
-from model.extractor import FeatureExtractor
 from model.matching.defaults import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -57,16 +56,8 @@ class RayVPRService(VPRService):
         await super().stop()
 
     def _load(self) -> None:
-        s = self.settings
-        self.extractor = FeatureExtractor.from_checkpoint(
-            s.checkpoint,
-            "cpu",  # preprocessing and /localize/pairs only: the encoder deployment has the accelerator
-            image_size=s.image_size,
-            local_mode=s.local_mode,
-            feature_block=s.feature_block,
-            max_pixels=s.max_pixels,
-            model_dtype=s.model_dtype,
-        )
+        # preprocessing and /localize/pairs only: the encoder deployment has the accelerator
+        self.extractor = served_extractor(self.settings, "cpu")
         self.reload_index()
 
     def reload_index(self) -> None:
