@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from bench.common import DEFAULT_SHARED, emit, machine, untrained_head_model
 from bench.memory import PeakMemory
-from model.matching import default_precision, mnn_scores, mnn_scores_detailed, rerank_order
+from model.matching import default_precision, defaults, mnn_scores, mnn_scores_detailed, native, rerank_order
 from model.matching.kernels import int8_route
+from model.matching.precision import Precision
 
 # (name, map side, channels): the local head at 224 px, and ViT-S patch tokens at 224 px.
 MODES = {"local_head": (61, 128), "patch_tokens": (16, 384)}
@@ -364,6 +365,7 @@ def run(args: argparse.Namespace) -> dict:
     report = {"machine": machine(device)}
     report["default_precision"] = str(default_precision(device))
     report["int8_route"] = int8_route(device)
+    report["native_kernels"] = native_kernels(device)
     report["floors"] = gemm_floors(device)
     if args.fused_check:
         report["fused_check"] = fused_check(device)
@@ -385,6 +387,23 @@ def run(args: argparse.Namespace) -> dict:
         report["real"] = bench_real(args.shared_data, precisions, device, scenes, args.real_queries)
     emit(report, args.out)
     return report
+
+
+SPEEDUP_SHAPES = [(61, 61, 128), (16, 16, 384), (16, 16, 1024)]
+
+
+def native_kernels(device: torch.device) -> dict:
+    """Which C kernels (model/matching/native.py) the engine runs here, and int8's speed-up over float32."""
+    kernels = {
+        "float32": native.native_enabled(device, Precision.FLOAT32),
+        "int8": native.native_enabled(device, Precision.INT8),
+    }
+    if kernels["int8"]:
+        kernels["int8_on"] = "amx" if native.amx_enabled() else "avx512_vnni"
+    kernels["int8_speedup"] = {  # what default_precision decides on, per map shape
+        "x".join(map(str, shape)): round(defaults.int8_speedup(device, shape), 2) for shape in SPEEDUP_SHAPES
+    }
+    return kernels
 
 
 def _names(text: str, known: dict) -> list[str]:

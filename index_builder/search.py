@@ -73,7 +73,7 @@ class Localizer:
         take at most this much (re-ranking then reads nothing per query)."""
         check_compatible(index, extractor)
         self.index, self.extractor, self.precision = index, extractor, precision
-        self.mode = resolve_precision(precision, extractor.device)
+        self.mode = resolve_precision(precision, extractor.device, index.identity.local_shape)
         self.searchers = searchers_of(index)
         if extractor.device.type != "cpu" and 0 < index.stored_local_bytes() <= resident_max_bytes:
             make_resident(index, extractor.device)

@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from model.matching import (
     Precision,
     default_precision,
+    defaults,
     kernels,
     mnn_pairs,
     mnn_scores,
     mnn_scores_detailed,
     rerank_order,
 )
+from model.matching.native import NATIVE_ENV
 from model.matching.refine import RecountPolicy, refine, refine_candidates
 from tests.reference import mnn_count_reference
 
@@ -120,6 +122,7 @@ def test_never_builds_the_whole_similarity_tensor(monkeypatch, int8_route):
 
         return spy
 
+    monkeypatch.setenv(NATIVE_ENV, "0")  # the tiles (the C kernel never holds a tile in memory)
     monkeypatch.setenv(kernels.INT8_ROUTE_ENV, int8_route)
     monkeypatch.setattr(kernels, "_onednn_float32_works", lambda: False)  # plain torch GEMMs, spied
     for name in ("matmul", "addmm", "_int_mm"):
@@ -227,12 +230,28 @@ def test_default_precision_and_compute_device(monkeypatch):
     query, cands = unit_maps(5, 5, 8, seed=19), unit_maps(8, 5, 5, 8, seed=20)
     assert mnn_scores(query, cands).device.type == "cpu"
     for speedup, expected in ((3.5, "int8+float32"), (1.6, "float32")):
-        monkeypatch.setattr(kernels, "int8_gemm_speedup", lambda device, s=speedup: s)
+        monkeypatch.setattr(defaults, "int8_speedup", lambda device, shape, s=speedup: s)
         assert default_precision(torch.device("cpu")) == expected
         assert mnn_scores(query, cands).tolist() == mnn_scores(query, cands, expected).tolist()
         assert default_precision(torch.device("cuda")) == "float32"  # GPUs: float32 whatever int8 does
     with pytest.raises(ValueError, match="unknown precision"):
         mnn_scores(query, cands, device="cpu", precision="int4")
+
+
+def test_default_precision_depends_on_the_map_shape(monkeypatch):
+    """With the C kernels the default is decided per map shape: int8's fixed costs make it no faster on
+    small maps. The ratio is measured once per shape (cached)."""
+    measured = {(61, 61, 128): 4.5, (16, 16, 384): 1.9}
+    monkeypatch.setattr(defaults.native, "native_enabled", lambda device, precision: True)
+    monkeypatch.setattr(defaults, "_engine_int8_speedup", measured.__getitem__)
+    cpu = torch.device("cpu")
+    assert default_precision(cpu, (61, 61, 128)) == "int8+float32"
+    assert default_precision(cpu) == "int8+float32"  # no shape: the local head's
+    assert default_precision(cpu, [16, 16, 384]) == "float32"
+    monkeypatch.undo()
+    defaults._engine_int8_speedup.cache_clear()
+    assert defaults.int8_speedup(cpu, (4, 5, 8)) > 0  # the real timing runs on any CPU
+    assert defaults._engine_int8_speedup.cache_info().currsize <= 1
 
 
 def test_refine_candidates_keeps_every_possible_winner():
@@ -298,6 +317,7 @@ def test_float_near_ties_within_a_key_bucket_keep_the_first_maximum(monkeypatch)
     argmax, and a row whose similarities are all negative must come out right too."""
     from model.matching import reducers
 
+    monkeypatch.setenv(NATIVE_ENV, "0")  # the tiles' reducer (tests/test_native.py: the same maps there)
     caught = {"rows": 0, "columns": 0}
 
     def spy(name, real, dim):

@@ -81,7 +81,7 @@ class RayVPRService(VPRService):
         except Exception:
             version.close()
             raise
-        mode = resolve_precision(self.settings.precision, torch.device("cpu"))
+        mode = resolve_precision(self.settings.precision, torch.device("cpu"), version.identity.local_shape)
         policy = CallPolicy(timeout_s=self.settings.shard_timeout_s)
         return RemoteLocalizer(version, self.encoder, self.shard_handles, mode, self.metrics, policy)
 

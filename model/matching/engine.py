@@ -8,10 +8,14 @@ sides, as torch.argmax decides, also across tiles.
 
 The GEMMs are in kernels.py (operands packed once per query), the reductions in reducers.py (position
 indices packed into int32 keys, so that value reductions find maxima and first indices together).
+Where a fused kernel exists the tiles never reach memory: native.py on CPUs with AVX-512 (float32,
+int8), fused.py on CUDA (16-bit, int8).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +23,7 @@ import torch
 from model.matching.fused import fused_best_matches, fused_enabled
 from model.matching.kernels import SimilarityKernel, similarity_kernel
 from model.matching.maps import CandidateMaps
+from model.matching.native import native_enabled, native_matcher
 from model.matching.precision import FLOAT_DTYPES, Precision, index_bits, quantize_int8
 from model.matching.reducers import BucketFloatReducer, FloatReducer, PackedIntReducer
 
@@ -26,8 +31,8 @@ from model.matching.reducers import BucketFloatReducer, FloatReducer, PackedIntR
 # the old reducers; with the packed-key reducers 0.25-2 MiB tiles ran 2-10x slower on the busy 2-core
 # machine, per-call overhead outweighing cache residency); GPUs want big tiles.
 DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
-# Candidates per call of the fused kernel (fused.py): 32 at 61x61x128 hold 61 MB of float32 maps and
-# 28 MB of partials, and give the GPU 960 programs.
+# Candidates per call of a fused kernel. fused.py: 32 at 61x61x128 hold 61 MB of float32 maps and 28 MB
+# of partials, and give the GPU 960 programs. native.py: the chunk only bounds the decoded maps.
 FUSED_CHUNK = 32
 
 
@@ -57,29 +62,56 @@ def best_matches(
     h, w, channels = cands.map_shape
     l_c, l_q = h * w, query.shape[0]
     bits = index_bits(l_q, l_c)
-    budget = tile_elements or DEFAULT_TILE_ELEMENTS.get(device.type, DEFAULT_TILE_ELEMENTS["cuda"])
-    k_step, r_step = tile_shape(k_total, l_c, l_q, budget)
     prepared_query = _prepare(query.to(device)[None], precision, bits)[0]
-    fused = fused_enabled(device, precision)
-    if fused:  # no tiles in memory: the chunk only bounds the loaded maps and the kernel's partials
-        k_step = FUSED_CHUNK
-    kernel = similarity_kernel(prepared_query, precision)
-    reducer = _reducer(precision, kernel, l_q, r_step, bits, device)
+    fused = _fused_matcher(prepared_query, precision, device)
+    if fused is not None:  # no tiles in memory: the chunk only bounds the loaded maps and the partials
+        k_step, tiles = FUSED_CHUNK, None
+    else:
+        budget = tile_elements or DEFAULT_TILE_ELEMENTS.get(device.type, DEFAULT_TILE_ELEMENTS["cuda"])
+        k_step, r_step = tile_shape(k_total, l_c, l_q, budget)
+        tiles = _TileMatcher(prepared_query, precision, l_c, r_step, bits, device)
     best_c_of_q = torch.empty(k_total, l_q, dtype=torch.int64, device=device)
     best_q_of_c = torch.empty(k_total, l_c, dtype=torch.int64, device=device)
     for k0 in range(0, k_total, k_step):
         loaded = cands.load(slice(k0, k0 + k_step)).reshape(-1, l_c, channels)
         chunk = _prepare(loaded.to(device, non_blocking=True), precision, bits)
-        if fused:
-            best_c_of_q[k0 : k0 + chunk.shape[0]], best_q_of_c[k0 : k0 + chunk.shape[0]] = fused_best_matches(
-                prepared_query, chunk
-            )
-            continue
-        reducer.start(chunk.shape[0], l_c)
-        for i0 in range(0, l_c, r_step):
-            reducer.update(kernel(chunk[:, i0 : i0 + r_step]), i0)
-        best_c_of_q[k0 : k0 + chunk.shape[0]], best_q_of_c[k0 : k0 + chunk.shape[0]] = reducer.finish()
+        best_c_of_q[k0 : k0 + chunk.shape[0]], best_q_of_c[k0 : k0 + chunk.shape[0]] = (fused or tiles)(chunk)
     return BestMatches(best_c_of_q, best_q_of_c)
+
+
+Matcher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _fused_matcher(query: torch.Tensor, precision: Precision, device: torch.device) -> Matcher | None:
+    """A kernel that reduces similarities where they are computed, if this device and precision have one."""
+    if native_enabled(device, precision):
+        return native_matcher(query, precision)
+    if fused_enabled(device, precision):
+        return functools.partial(fused_best_matches, query)
+    return None
+
+
+class _TileMatcher:
+    """A chunk of candidates, r_step positions at a time: GEMM tiles in memory, then the reducers."""
+
+    def __init__(
+        self,
+        query: torch.Tensor,
+        precision: Precision,
+        l_c: int,
+        r_step: int,
+        bits: int,
+        device: torch.device,
+    ) -> None:
+        self.kernel = similarity_kernel(query, precision)
+        self.reducer = _reducer(precision, self.kernel, query.shape[0], r_step, bits, device)
+        self.l_c, self.r_step = l_c, r_step
+
+    def __call__(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reducer.start(chunk.shape[0], self.l_c)
+        for i0 in range(0, self.l_c, self.r_step):
+            self.reducer.update(self.kernel(chunk[:, i0 : i0 + self.r_step]), i0)
+        return self.reducer.finish()
 
 
 def _reducer(

@@ -90,7 +90,7 @@ def mnn_scores_detailed(
             f"(K, {', '.join(map(str, cands.map_shape))})"
         )
     compute_on = _compute_device(query, device)
-    mode = resolve_precision(precision, compute_on)
+    mode = resolve_precision(precision, compute_on, cands.map_shape)
     policy = RecountPolicy(exact_top=exact_top)
 
     def counts_in(engine_mode: Precision, subset: CandidateMaps = cands) -> torch.Tensor:

@@ -9,8 +9,8 @@ candidates are about equally good (typically a place missing from the database) 
 the remaining candidates keep int8 counts and `top_exact` is false.
 
 Cost: one int8 pass over all K candidates plus at most `max_recount_fraction * K` float32 recounts.
-With int8 at most 0.6 of float32's time (devices with int8 products: default_precision picks this
-policy only there) and the default fraction 0.25, that stays under float32's own time on any counts.
+With int8 at most half of float32's time (default_precision picks this policy only there) and the
+default fraction 0.25, that stays under float32's own time on any counts.
 """
 
 from __future__ import annotations
