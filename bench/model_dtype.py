@@ -96,9 +96,9 @@ def bench_deviation(shared: Path, dtypes: list[ModelDtype], device: torch.device
     """Each shared image a query against the other 31, descriptors from each dtype's forward."""
     from model.extractor import FeatureExtractor
 
-    paths = sorted((shared / "matching_triplets").glob("p*/i*/*.jpg")) + sorted(
-        (shared / "tokyo_pair").glob("*")
-    )
+    triplets = sorted((shared / "matching_triplets").glob("p*/i*/*.jpg"))
+    paths = triplets + sorted((shared / "tokyo_pair").glob("*"))
+    places = [p.parent.parent.name for p in triplets] + ["tokyo"] * (len(paths) - len(triplets))
     embedded = {}
     for dtype in dtypes:
         extractor = FeatureExtractor.from_checkpoint("default", str(device), model_dtype=dtype)
@@ -125,17 +125,28 @@ def bench_deviation(shared: Path, dtypes: list[ModelDtype], device: torch.device
                 "count_max_rel_diff": max(
                     float((d / e.clamp(min=1)).max()) for d, e in zip(diffs, exact_counts, strict=True)
                 ),
-                "rerank_top1_unchanged": float(
-                    np.mean(
-                        [
-                            rerank_order(c)[0] == rerank_order(e)[0]
-                            for c, e in zip(counts, exact_counts, strict=True)
-                        ]
-                    )
-                ),
+                **_top1_changes(counts, exact_counts, places),
             }
         )
     return rows
+
+
+def _top1_changes(counts: list[torch.Tensor], exact: list[torch.Tensor], places: list[str]) -> dict:
+    """How often the best-counted candidate moves, by how much float32 had it ahead of the new one
+    (a flip of a near-tie is noise; one of a clear winner is damage), and how often the best candidate's
+    place is right in float32 and in this dtype."""
+    n = len(places)
+    others = [[j for j in range(n) if j != i] for i in range(n)]
+    top, top_exact = [int(rerank_order(c)[0]) for c in counts], [int(rerank_order(e)[0]) for e in exact]
+    margins = [int(exact[i][top_exact[i]] - exact[i][top[i]]) for i in range(n) if top[i] != top_exact[i]]
+    right = [places[others[i][top[i]]] == places[i] for i in range(n)]
+    right_exact = [places[others[i][top_exact[i]]] == places[i] for i in range(n)]
+    return {
+        "rerank_top1_unchanged": float(np.mean([t == e for t, e in zip(top, top_exact, strict=True)])),
+        "changed_top1_float32_margins": margins,
+        "top1_right_place": int(sum(right)),
+        "top1_right_place_float32": int(sum(right_exact)),
+    }
 
 
 def _all_counts(maps: torch.Tensor) -> list[torch.Tensor]:

@@ -24,7 +24,15 @@ import torch.nn.functional as F
 
 from bench.common import DEFAULT_SHARED, emit, machine, untrained_head_model
 from bench.memory import PeakMemory
-from model.matching import default_precision, defaults, mnn_scores, mnn_scores_detailed, native, rerank_order
+from model.matching import (
+    DenseMaps,
+    best_matches,
+    default_precision,
+    mnn_scores,
+    mnn_scores_detailed,
+    native,
+    rerank_order,
+)
 from model.matching.kernels import int8_route
 from model.matching.precision import Precision
 
@@ -143,31 +151,58 @@ def bench_case(
 
 
 def gemm_floors(device: torch.device, k: int = 100, side: int = 61, channels: int = 128) -> dict:
-    """The similarity products alone, per query at K candidates, from each GEMM's rate on one tile of
-    the engine's size (output reused): the floor each precision's engine time is measured against."""
+    """The similarity products alone, per query at K candidates, from the fastest GEMM torch offers for
+    each dtype (the engine's tile kernel, torch.mm with 16-bit output, torch._int_mm with either
+    operand layout) on one tile of the engine's size: the floor each precision is measured against."""
     from model.matching.engine import DEFAULT_TILE_ELEMENTS
-    from model.matching.kernels import similarity_kernel
-    from model.matching.precision import Precision
 
     positions = side * side
     rows = DEFAULT_TILE_ELEMENTS.get(device.type, DEFAULT_TILE_ELEMENTS["cuda"]) // positions
     gen = torch.Generator().manual_seed(0)
     query = torch.randn(positions, channels, generator=gen).to(device)
     tile = torch.randn(1, rows, channels, generator=gen).to(device)
-    kernels = {
-        "float32": (similarity_kernel(query, Precision.FLOAT32), tile),
-        "bfloat16": (similarity_kernel(query.bfloat16(), Precision.BFLOAT16), tile.bfloat16()),
-        "int8": (similarity_kernel(query.to(torch.int8), Precision.INT8), tile.to(torch.int8)),
-    }
     floors = {}
-    for name, (kernel, operand) in kernels.items():
-        seconds = _best_of(lambda kernel=kernel, operand=operand: kernel(operand), device)
-        rate = 2 * rows * positions * channels / seconds
+    for name, routes in _gemm_routes(query, tile).items():
+        best = {}
+        for route, fn in routes.items():
+            try:
+                best[route] = _best_of(fn, device)
+            except (RuntimeError, NotImplementedError):  # a route this device does not have
+                continue
+        route = min(best, key=best.get)
+        rate = 2 * rows * positions * channels / best[route]
         floors[name] = {
+            "route": route,
             "gemm_gops": rate / 1e9,
             "products_s_per_query": 2 * k * positions**2 * channels / rate,
         }
     return {"K": k, "map": [side, side, channels], "tile_rows": rows, **floors}
+
+
+def _gemm_routes(query: torch.Tensor, tile: torch.Tensor) -> dict[str, dict[str, Callable[[], object]]]:
+    from model.matching.kernels import similarity_kernel
+
+    q16, t16 = query.bfloat16(), tile.bfloat16()
+    q8, t8 = query.to(torch.int8), tile[0].to(torch.int8)
+    q8_cols = q8.contiguous().T  # (C, L) with columns contiguous: the layout oneDNN's int8 GEMM wants
+    q8_rows = q8.T.contiguous()
+    engine = {p: similarity_kernel(q, p) for p, q in ((Precision.FLOAT32, query), (Precision.BFLOAT16, q16))}
+    engine_int8 = similarity_kernel(q8, Precision.INT8)
+    return {
+        "float32": {
+            "engine tile": lambda: engine[Precision.FLOAT32](tile),
+            "torch.mm": lambda: tile[0] @ query.T,
+        },
+        "bfloat16": {
+            "engine tile": lambda: engine[Precision.BFLOAT16](t16),
+            "torch.mm": lambda: t16[0] @ q16.T,
+        },
+        "int8": {
+            "engine tile": lambda: engine_int8(t8[None]),
+            "torch._int_mm": lambda: torch._int_mm(t8, q8_rows),
+            "torch._int_mm, column-major": lambda: torch._int_mm(t8, q8_cols),
+        },
+    }
 
 
 def fused_check(device: torch.device, k: int = 16) -> list[dict]:
@@ -390,20 +425,37 @@ def run(args: argparse.Namespace) -> dict:
 
 
 SPEEDUP_SHAPES = [(61, 61, 128), (16, 16, 384), (16, 16, 1024)]
+NATIVE_PRECISIONS = (Precision.FLOAT32, Precision.INT8, Precision.BFLOAT16)
 
 
 def native_kernels(device: torch.device) -> dict:
     """Which C kernels (model/matching/native.py) the engine runs here, and int8's speed-up over float32."""
-    kernels = {
-        "float32": native.native_enabled(device, Precision.FLOAT32),
-        "int8": native.native_enabled(device, Precision.INT8),
-    }
+    kernels = {str(p): native.native_enabled(device, p) for p in NATIVE_PRECISIONS}
     if kernels["int8"]:
         kernels["int8_on"] = "amx" if native.amx_enabled() else "avx512_vnni"
-    kernels["int8_speedup"] = {  # what default_precision decides on, per map shape
-        "x".join(map(str, shape)): round(defaults.int8_speedup(device, shape), 2) for shape in SPEEDUP_SHAPES
+    if device.type != "cpu":
+        return kernels
+    kernels["int8_speedup"] = {  # what defaults.NATIVE_INT8_MIN_PRODUCTS was set from
+        "x".join(map(str, shape)): round(int8_speedup(shape), 2) for shape in SPEEDUP_SHAPES
     }
     return kernels
+
+
+def int8_speedup(map_shape: tuple[int, int, int]) -> float:
+    """float32 time over int8 time of the engine (quantization included) on one query against a few
+    candidates: two at 61x61x128, more for smaller maps (up to 32, about the same products), so that
+    per-call costs weigh as they do in a re-ranking. Best of three."""
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    h, w, channels = map_shape
+    k = min(32, max(2, round(2 * (61 * 61) ** 2 * 128 / ((h * w) ** 2 * channels))))
+    query = F.normalize(torch.randn(h * w, channels, generator=gen), dim=-1)
+    cands = DenseMaps(F.normalize(torch.randn(k, h, w, channels, generator=gen), dim=-1))
+    seconds = {
+        p: _best_of(lambda p=p: best_matches(query, cands, p, cpu, None), cpu, rounds=3)
+        for p in (Precision.FLOAT32, Precision.INT8)
+    }
+    return seconds[Precision.FLOAT32] / seconds[Precision.INT8]
 
 
 def _names(text: str, known: dict) -> list[str]:

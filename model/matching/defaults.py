@@ -3,82 +3,50 @@ device has (model.matching.native on AVX-512 CPUs, else model.matching.kernels),
 
 from __future__ import annotations
 
-import functools
-import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
 import model.matching.kernels as kernels
 import model.matching.native as native
-from model.matching.engine import best_matches
-from model.matching.maps import DenseMaps
 from model.matching.precision import Precision
 
-# int8+float32 becomes the default only where int8 matching runs at least this many times faster than
-# float32: one int8 pass plus K/4 float32 recounts (refine.py) then costs at most 0.65 of float32 alone,
-# a margin for the policy's own per-call costs. At 2x on 16x16x384 patch tokens (30 candidates, 7
-# recounts) the policy measured 1.1x float32's time: those costs are not negligible on small maps.
-INT8_DEFAULT_MIN_SPEEDUP = 2.5
+# Without the C kernels (torch tiles): int8+float32 becomes the default only where int8 products run at
+# least this many times faster than float32 ones; one int8 pass plus K/4 float32 recounts (refine.py)
+# then stays below float32 alone.
+INT8_DEFAULT_MIN_SPEEDUP = 2.0
 
+# With the C kernels the choice follows the maps' size, so that every process of a service makes the same
+# one (a timed choice could differ between processes, and their answers with it). Measured on a 2-core
+# Xeon with AMX (bench/rerank.py "int8_speedup": float32 time over int8 time, quantization included):
+# 3.7-5.5x at 61x61x128 (1.8e9 multiply-adds per pair of maps), about 3x at 32x32x768 (8.1e8), 1.8-1.9x
+# at 16x16x384 (2.5e7) and 0.8x at 16x16x1024 (6.7e7), where per-call costs eat the gain: at 1.9x the
+# policy took 1.1x float32's time on the shared images' patch tokens. Without AMX (AVX-512 VNNI) int8
+# was 2.7x at 61x61x128.
+NATIVE_INT8_MIN_PRODUCTS = 2**28
 
 # The map shape the default is decided on when the caller gives none: SelaVPR's local head at 224 px.
-CALIBRATION_SHAPE = (61, 61, 128)
-CALIBRATION_PRODUCTS = (61 * 61) ** 2 * 128  # multiply-adds of one such pair
+DEFAULT_MAP_SHAPE = (61, 61, 128)
 
 
 def default_precision(device: torch.device, map_shape: Sequence[int] | None = None) -> Precision:
-    """int8+float32 on CPUs where int8 matching of maps of this shape (h, w, C) runs at least 2.5x as
-    fast as float32, else exact float32. With the C kernels on a 2-core Xeon with AMX: 61x61x128 local
-    head maps 3.7-5.5x (int8+float32 there), 32x32x768 about 3x, ViT patch tokens 16x16x384 1.8-1.9x and
-    16x16x1024 0.8x (float32: the int8 pass's fixed costs and the recounts would make the policy no
-    faster). On an AVX2 EPYC int8 was never faster, and float32 was the default.
+    """int8+float32 on CPUs where int8 matching of maps of this shape (h, w, C) is well ahead of
+    float32, else exact float32: with the C kernels, maps of at least NATIVE_INT8_MIN_PRODUCTS
+    multiply-adds per pair (the 61x61x128 local head's, not ViT patch tokens at 224 px); with the
+    torch tiles, int8 products at least twice as fast as float32's (timed once per process; on an AVX2
+    EPYC they never were).
 
     GPUs take float32: there the reductions over each similarity tile bound the engine, not the products,
     and the int8 pass alone was slower than all of float32 (H200, K = 100 at 61x61x128: 25.4 ms against
     15.2 ms; README "GPU check")."""
     if device.type != "cpu":
         return Precision.FLOAT32
-    fast_int8 = int8_speedup(device, map_shape or CALIBRATION_SHAPE) >= INT8_DEFAULT_MIN_SPEEDUP
-    return Precision.INT8_FLOAT32 if fast_int8 else Precision.FLOAT32
-
-
-def int8_speedup(device: torch.device, map_shape: Sequence[int]) -> float:
-    """How many times faster the engine matches maps of this shape in int8 than in float32 on this CPU:
-    timed through the C kernels where both run (quantization included), else the torch GEMMs' ratio
-    (timed once per process)."""
     if native.native_enabled(device, Precision.INT8) and native.native_enabled(device, Precision.FLOAT32):
-        return _engine_int8_speedup(tuple(int(n) for n in map_shape))
-    return kernels.int8_gemm_speedup(device)
-
-
-@functools.cache
-def _engine_int8_speedup(map_shape: tuple[int, int, int]) -> float:
-    """float32 time over int8 time of one query against a few candidates (best of three; about 0.2 s
-    once per process and shape). Two candidates at 61x61x128, more for smaller maps (up to 32, as many
-    as give the same products), so that per-call costs weigh as they do in a re-ranking."""
-    cpu = torch.device("cpu")
-    gen = torch.Generator().manual_seed(0)
-    h, w, channels = map_shape
-    k = min(32, max(2, round(2 * CALIBRATION_PRODUCTS / ((h * w) ** 2 * channels))))
-    query = torch.nn.functional.normalize(torch.randn(h * w, channels, generator=gen), dim=-1)
-    cands = DenseMaps(torch.nn.functional.normalize(torch.randn(k, h, w, channels, generator=gen), dim=-1))
-    seconds = {
-        precision: _best_time(lambda p=precision: best_matches(query, cands, p, cpu, None))
-        for precision in (Precision.FLOAT32, Precision.INT8)
-    }
-    return seconds[Precision.FLOAT32] / seconds[Precision.INT8]
-
-
-def _best_time(fn: Callable[[], object], rounds: int = 3) -> float:
-    fn()  # warm-up: the first call starts the thread pool
-    best = math.inf
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        h, w, channels = map_shape or DEFAULT_MAP_SHAPE
+        fast_int8 = (h * w) ** 2 * channels >= NATIVE_INT8_MIN_PRODUCTS
+    else:
+        fast_int8 = kernels.int8_gemm_speedup(device) >= INT8_DEFAULT_MIN_SPEEDUP
+    return Precision.INT8_FLOAT32 if fast_int8 else Precision.FLOAT32
 
 
 def resolve_precision(
