@@ -132,7 +132,8 @@ def bench_case(
     query, cands = synthetic_maps(k, side, channels, related=SCENES[scene])
     query, cands = query.to(device), cands.to(device)
     methods = {"full_tensor": lambda: full_tensor_counts(query, cands)}
-    methods |= {p: (lambda p=p: mnn_scores(query, cands, _engine_precision(p, device))) for p in precisions}
+    resolved = {p: _engine_precision(p, device, query.shape) for p in precisions}
+    methods |= {p: (lambda p=p: mnn_scores(query, cands, resolved[p])) for p in precisions}
     runs = measure(methods, device, repeats)
     base = {"mode": mode, "scene": scene, "K": k, "map": [side, side, channels]}
     base["inputs_mib"] = _mib(query, cands)
@@ -140,11 +141,12 @@ def bench_case(
     ref_ms = statistics.median(reference["times"]) * 1e3
     rows = [{**base, "method": "full_tensor", "precision": "float32", **_timing(reference)}]
     for precision, run in runs.items():
-        row = {**base, "method": "engine", "precision": precision, **_timing(run)}
+        row = {**base, "method": "engine", "precision": precision, "resolved": resolved[precision]}
+        row |= _timing(run)
         row["speedup"] = ref_ms / row["median_ms"]
         row |= agreement(reference["result"], run["result"])
         if precision in ("int8+float32", "default"):
-            scored = mnn_scores_detailed(query, cands, _engine_precision(precision, device))
+            scored = mnn_scores_detailed(query, cands, resolved[precision])
             row["recounted_in_float32"], row["top_exact"] = scored.recounted, scored.top_exact
         rows.append(row)
     return rows
@@ -285,9 +287,9 @@ def _best_of(fn: Callable[[], object], device: torch.device, rounds: int = 5) ->
     return best
 
 
-def _engine_precision(name: str, device: torch.device) -> str:
-    """ "default" is what mnn_scores picks with precision=None on this device."""
-    return str(default_precision(device)) if name == "default" else name
+def _engine_precision(name: str, device: torch.device, map_shape: tuple[int, ...]) -> str:
+    """ "default" is what mnn_scores picks with precision=None on this device for maps of this shape."""
+    return str(default_precision(device, map_shape)) if name == "default" else name
 
 
 def _timing(run: dict) -> dict:
@@ -337,8 +339,9 @@ def bench_real(
             queries.append((maps[i], maps[keep]))
         exact = [mnn_scores(q, c, "float32") for q, c in queries]
         for p in precisions:
+            resolved = _engine_precision(p, device, maps.shape[1:])
             rows.append({"mode": mode, "scene": scene, "queries": len(queries), "precision": p})
-            rows[-1] |= _real_precision(queries, exact, _engine_precision(p, device))
+            rows[-1] |= {"resolved": resolved} | _real_precision(queries, exact, resolved)
         _log(f"real {mode} {scene} done")
     return rows
 
@@ -398,7 +401,9 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     precisions = [p for p in args.precisions.split(",") if p]
     report = {"machine": machine(device)}
-    report["default_precision"] = str(default_precision(device))
+    report["default_precision"] = {
+        "x".join(map(str, s)): str(default_precision(device, s)) for s in SPEEDUP_SHAPES
+    }
     report["int8_route"] = int8_route(device)
     report["native_kernels"] = native_kernels(device)
     report["floors"] = gemm_floors(device)

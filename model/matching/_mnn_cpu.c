@@ -1,4 +1,4 @@
-/* The MNN engine's inner loop on CPU, with the reductions fused into the products (AVX-512).
+/* The MNN engine's inner loop on CPU, with the reductions fused into the products (AVX-512, AMX).
 
    For one query map against a batch of candidate maps it computes, without ever writing a similarity
    to memory:
@@ -6,17 +6,19 @@
    - for each query position j, its best candidate position among rows [i0, i1) (column argmax),
    ties going to the lowest index on both sides, as torch.argmax decides.
 
-   A micro-tile is a few candidate rows x 32 query positions (two vectors of 16). Its similarities stay in
-   registers: they update per-lane running (max, first index) pairs for the rows, and the column
-   (max, first index) pairs of those 32 positions in L1. Query positions are visited a chunk at a time
-   (about 256 KiB of packed query: it stays in L2 while all candidate rows stream past it).
+   A micro-tile is a few candidate rows x 32 query positions (two vectors of 16). Its similarities stay
+   in registers (or, from AMX tiles, in 4 KiB of L1): they update per-lane running (max, first index)
+   pairs for the rows, and the column (max, first index) pairs of those 32 positions in L1. Query
+   positions are visited a chunk at a time (about 256 KiB of packed query: it stays in L2 while all
+   candidate rows stream past it).
 
    float32: each similarity is one fused multiply-add chain over the channels in order, starting from
    zero, the order oneDNN's and MKL's GEMMs use at these sizes; the Python side checks that the bits
    agree with torch.mm before it uses this kernel (model/matching/native.py).
    int8: AVX-512 VNNI, exact int32 dot products. The instruction multiplies unsigned by signed bytes,
    so candidate bytes are shifted by +128 (a xor) and every sum starts from -128 * (sum of the query
-   vector's components), which cancels the shift exactly.
+   vector's components), which cancels the shift exactly. Where the CPU has AMX, selavpr_mnn_amx
+   (int8 and bfloat16) takes over.
 
    Loaded with ctypes (no Python API), built at install time as an optional extension: where it does
    not build or the CPU lacks AVX-512, the engine runs its torch tiles instead. */
@@ -34,8 +36,8 @@ enum { CAP_FLOAT32 = 1, CAP_INT8 = 2, CAP_INT8_AMX = 4, CAP_BF16_AMX = 8 };
 #include <sys/syscall.h>
 #include <unistd.h>
 
-/* Candidate rows per micro-tile: enough independent accumulators (2 per row) to keep both vector units busy
-   (measured on a 2-core Xeon with AMX: float32 4 -> 8 rows ran 1.9x faster, int8 best at 6). */
+/* Candidate rows per micro-tile: enough independent accumulators (2 per row) to keep both vector units
+   busy (measured on a 2-core Xeon with AMX: float32 4 -> 8 rows ran 1.9x faster, int8 best at 6). */
 #define R_F32 8
 #define R_I8 6
 #define JV 16    /* lanes per vector */
@@ -45,7 +47,8 @@ enum { CAP_FLOAT32 = 1, CAP_INT8 = 2, CAP_INT8_AMX = 4, CAP_BF16_AMX = 8 };
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 #define TARGET_F32 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
 #define TARGET_I8 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
-#define TARGET_AMX __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,amx-tile,amx-int8,amx-bf16")))
+#define TARGET_AMX \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,amx-tile,amx-int8,amx-bf16")))
 #define INLINE static inline __attribute__((always_inline))
 
 /* CAP_INT8_AMX | CAP_BF16_AMX as CPUID has AMX-TILE with AMX-INT8 / AMX-BF16, once Linux has granted
@@ -186,7 +189,8 @@ TARGET_F32 int selavpr_mnn_f32(const float *qp, int lq, int lq_pad, const float 
         for (int j_lo = 0; j_lo < lq_pad; j_lo += chunk) {
             int j_hi = j_lo + chunk < lq_pad ? j_lo + chunk : lq_pad;
             int i = i0;
-            for (; i + R_F32 <= i1; i += R_F32) rows_f32(map, qp, lq, c, R_F32, i, j_lo, j_hi, best_v, best_i, cv, ci);
+            for (; i + R_F32 <= i1; i += R_F32)
+                rows_f32(map, qp, lq, c, R_F32, i, j_lo, j_hi, best_v, best_i, cv, ci);
             for (; i < i1; i++) rows_f32(map, qp, lq, c, 1, i, j_lo, j_hi, best_v, best_i, cv, ci);
         }
     }
@@ -384,9 +388,9 @@ TARGET_AMX INLINE void amx_reduce(int kind, const int32_t *sim, int rows, int i,
    row_bytes = channels x bytes per value, a multiple of 64. col_val holds int32 dot products, or for
    bfloat16 int32 keys that order like the float32 similarities. Returns -2 where the CPU or the kernel
    does not allow the tiles (they would fault). */
-TARGET_AMX int selavpr_mnn_amx(int kind, const uint8_t *qp, int lq, int lq_pad, const uint8_t *maps, int64_t k,
-                               int lc, int row_bytes, int i0, int i1, int32_t *row_arg, int32_t *col_val,
-                               int32_t *col_arg) {
+TARGET_AMX int selavpr_mnn_amx(int kind, const uint8_t *qp, int lq, int lq_pad, const uint8_t *maps,
+                               int64_t k, int lc, int row_bytes, int i0, int i1, int32_t *row_arg,
+                               int32_t *col_val, int32_t *col_arg) {
     if (!(amx_caps() & (kind == AMX_INT8 ? CAP_INT8_AMX : CAP_BF16_AMX))) return -2;
     int32_t *best_v = malloc(sizeof(int32_t) * (size_t)lc);
     uint8_t *last = malloc((size_t)AMX_ROWS * row_bytes); /* a last block of < 16 rows, zero-padded */
@@ -423,7 +427,8 @@ TARGET_AMX int selavpr_mnn_amx(int kind, const uint8_t *qp, int lq, int lq_pad, 
                 }
                 for (int j = j_lo; j < j_hi; j += JT) {
                     amx_block(kind, a, row_bytes, qp + (size_t)(j / JV) * row_bytes * JV, sim);
-                    amx_reduce(kind, sim, rows, i, j, lane_mask(lq - j), lane_mask(lq - j - JV), rv, ri, cv, ci);
+                    __mmask16 m0 = lane_mask(lq - j), m1 = lane_mask(lq - j - JV);
+                    amx_reduce(kind, sim, rows, i, j, m0, m1, rv, ri, cv, ci);
                 }
                 for (int r = 0; r < rows; r++) fold_row_i32(rv[r], ri[r], best_v + i + r, best_i + i + r);
             }
