@@ -124,7 +124,7 @@ def test_never_builds_the_whole_similarity_tensor(monkeypatch, int8_route):
 
     monkeypatch.setenv(NATIVE_ENV, "0")  # the tiles (the C kernel never holds a tile in memory)
     monkeypatch.setenv(kernels.INT8_ROUTE_ENV, int8_route)
-    monkeypatch.setattr(kernels, "_onednn_float32_works", lambda: False)  # plain torch GEMMs, spied
+    monkeypatch.setattr(kernels, "_onednn_float32_works", lambda channels: False)  # plain torch GEMMs, spied
     for name in ("matmul", "addmm", "_int_mm"):
         monkeypatch.setattr(torch, name, spying(getattr(torch, name)))
     exact = mnn_scores(query, cands, EXACT, tile_elements=20_000)
@@ -207,7 +207,7 @@ def test_int8_results_do_not_depend_on_the_matmul_path(monkeypatch):
     native = mnn_scores(query, cands, "int8").tolist()
     results = []
     for onednn in (True, False):
-        monkeypatch.setattr(kernels, "_onednn_float32_works", lambda onednn=onednn: onednn)
+        monkeypatch.setattr(kernels, "_onednn_float32_works", lambda channels, onednn=onednn: onednn)
         monkeypatch.setenv(kernels.INT8_ROUTE_ENV, "float")
         results += [mnn_scores(query, cands, "int8", tile_elements=t).tolist() for t in (1000, 10**7)]
     monkeypatch.setenv(kernels.INT8_ROUTE_ENV, "int")
@@ -229,7 +229,7 @@ def test_default_precision_and_compute_device(monkeypatch):
     as fast as float32 ones, else exact float32."""
     query, cands = unit_maps(5, 5, 8, seed=19), unit_maps(8, 5, 5, 8, seed=20)
     assert mnn_scores(query, cands).device.type == "cpu"
-    monkeypatch.setattr(defaults.native, "native_enabled", lambda device, precision: False)
+    monkeypatch.setattr(defaults.native, "native_enabled", lambda device, precision, channels=128: False)
     for speedup, expected in ((3.5, "int8+float32"), (1.6, "float32")):
         monkeypatch.setattr(kernels, "int8_gemm_speedup", lambda device, s=speedup: s)
         assert default_precision(torch.device("cpu")) == expected
@@ -241,7 +241,7 @@ def test_default_precision_and_compute_device(monkeypatch):
 
 def test_default_precision_with_the_c_kernels_follows_the_map_size(monkeypatch):
     """int8's fixed costs make it no faster on small maps; the rule is the same in every process."""
-    monkeypatch.setattr(defaults.native, "native_enabled", lambda device, precision: True)
+    monkeypatch.setattr(defaults.native, "native_enabled", lambda device, precision, channels=128: True)
     cpu = torch.device("cpu")
     assert default_precision(cpu, (61, 61, 128)) == "int8+float32"  # the local head's maps
     assert default_precision(cpu, (32, 32, 768)) == "int8+float32"
@@ -362,6 +362,6 @@ def test_float32_results_do_not_depend_on_the_gemm(monkeypatch):
     query, cands = unit_maps(30, 30, 64, seed=34), unit_maps(4, 30, 30, 64, seed=35)
     cands[2] = F.normalize(query + 0.7 * cands[2], dim=-1)
     onednn = mnn_scores(query, cands, EXACT)
-    monkeypatch.setattr(kernels, "_onednn_float32_works", lambda: False)
+    monkeypatch.setattr(kernels, "_onednn_float32_works", lambda channels: False)
     plain = mnn_scores(query, cands, EXACT)
     assert onednn.tolist() == plain.tolist() == full_tensor_counts(query, cands)

@@ -41,8 +41,10 @@ def default_precision(device: torch.device, map_shape: Sequence[int] | None = No
     15.2 ms; README "GPU check")."""
     if device.type != "cpu":
         return Precision.FLOAT32
-    if native.native_enabled(device, Precision.INT8) and native.native_enabled(device, Precision.FLOAT32):
-        h, w, channels = map_shape or DEFAULT_MAP_SHAPE
+    h, w, channels = map_shape or DEFAULT_MAP_SHAPE
+    if native.native_enabled(device, Precision.INT8) and native.native_enabled(
+        device, Precision.FLOAT32, channels
+    ):
         fast_int8 = (h * w) ** 2 * channels >= NATIVE_INT8_MIN_PRODUCTS
     else:
         fast_int8 = kernels.int8_gemm_speedup(device) >= INT8_DEFAULT_MIN_SPEEDUP

@@ -84,7 +84,7 @@ Matcher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 def _fused_matcher(query: torch.Tensor, precision: Precision, device: torch.device) -> Matcher | None:
     """A kernel that reduces similarities where they are computed, if this device and precision have one."""
-    if native_enabled(device, precision):
+    if native_enabled(device, precision, query.shape[-1]):
         return native_matcher(query, precision)
     if fused_enabled(device, precision):
         return functools.partial(fused_best_matches, query)

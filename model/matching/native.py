@@ -74,10 +74,10 @@ def _caps() -> int:
     return caps & ~(CAP_INT8_AMX | CAP_BF16_AMX) if os.environ.get(AMX_ENV, "1") == "0" else caps
 
 
-def native_available(precision: Precision) -> bool:
-    """Whether this process can run a C kernel for `precision` (built, and the CPU has the
-    instructions: AVX-512 for float32, VNNI or AMX for int8, AMX for bfloat16); SELAVPR_NATIVE_MNN=0
-    turns them off."""
+def native_available(precision: Precision, channels: int = 128) -> bool:
+    """Whether this process can run a C kernel for `precision` on maps of `channels` (built, the CPU
+    has the instructions: AVX-512 for float32, VNNI or AMX for int8, AMX for bfloat16; float32 only
+    where its bits are torch's for this channel count); SELAVPR_NATIVE_MNN=0 turns them off."""
     if os.environ.get(NATIVE_ENV, "1") == "0":
         return False
     needs = {
@@ -87,11 +87,11 @@ def native_available(precision: Precision) -> bool:
     }.get(precision, 0)
     if not _caps() & needs:
         return False
-    return precision is not Precision.FLOAT32 or _float32_matches_torch()
+    return precision is not Precision.FLOAT32 or _float32_matches_torch(channels)
 
 
-def native_enabled(device: torch.device, precision: Precision) -> bool:
-    return device.type == "cpu" and native_available(precision)
+def native_enabled(device: torch.device, precision: Precision, channels: int = 128) -> bool:
+    return device.type == "cpu" and native_available(precision, channels)
 
 
 def amx_enabled() -> bool:
@@ -128,6 +128,8 @@ def _prepare_query(query: torch.Tensor, precision: Precision) -> _Query:
         padded = _padded_channels(query.contiguous(), 32)
         return _Query("bfloat16_amx", _pack(padded, lq_pad, group=2), lq, 32)
     if precision is Precision.INT8:
+        # The VNNI kernel's bias, -128 * the sum of each query vector's components, cancels the +128
+        # that makes its candidate bytes unsigned (AMX multiplies signed bytes).
         amx = amx_enabled()
         padded = _padded_channels(query.contiguous(), 64 if amx else 4)
         bias = torch.zeros(lq_pad, dtype=torch.int32)
@@ -139,9 +141,7 @@ def _prepare_query(query: torch.Tensor, precision: Precision) -> _Query:
 
 def _pack(query: torch.Tensor, lq_pad: int, group: int) -> torch.Tensor:
     """(L_q, C) -> [L_q_pad / 16][C / group][16][group]: for each block of 16 query positions, `group`
-    consecutive channels of each position together (4 bytes per lane: VNNI and AMX take them so).
-    The VNNI kernel's bias, -128 * the sum of each query vector's components, cancels the +128 that
-    makes its candidate bytes unsigned (AMX multiplies signed bytes)."""
+    consecutive channels of each position together (4 bytes per lane: VNNI and AMX take them so)."""
     lq, channels = query.shape
     padded = torch.zeros(lq_pad, channels, dtype=query.dtype)
     padded[:lq] = query
@@ -212,14 +212,15 @@ def _pool() -> ThreadPoolExecutor:
 
 
 @functools.cache
-def _float32_matches_torch() -> bool:
-    """The kernel's float32 argmaxes depend on its products' bits; use it only where they are torch's:
-    the best similarity of every query position bit for bit, and both argmaxes, on maps with many exact
-    ties (coarsely rounded values) and on random maps."""
+def _float32_matches_torch(channels: int) -> bool:
+    """The kernel's float32 argmaxes depend on its products' bits; use it only where they are torch's
+    for this channel count: the best similarity of every query position bit for bit, and both
+    argmaxes, on maps with many exact ties (coarsely rounded values) and on random maps. On a Xeon with
+    AMX torch.matmul summed in the kernel's order up to 384 channels, and not from 768 on."""
     gen = torch.Generator().manual_seed(0)
     for coarse in (True, False):
-        query = torch.randn(97, 128, generator=gen)
-        cands = torch.randn(3, 61, 128, generator=gen)
+        query = torch.randn(97, channels, generator=gen)
+        cands = torch.randn(3, 61, channels, generator=gen)
         if coarse:
             query, cands = torch.round(query * 2) / 2, torch.round(cands * 2) / 2
         sim = torch.matmul(cands, query.T)
