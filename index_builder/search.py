@@ -33,7 +33,7 @@ from index_builder.sharding import LocationPrior, shard_key
 from index_builder.store import ImageRecord, IndexVersion
 from model.extractor import FeatureExtractor, resolve_device
 from model.loading import load_model
-from model.matching import rerank_order
+from model.matching import native, rerank_order
 from model.matching.defaults import resolve_precision
 from model.preprocess import ImageSource, MemoryBudget
 
@@ -74,6 +74,8 @@ class Localizer:
         check_compatible(index, extractor)
         self.index, self.extractor, self.precision = index, extractor, precision
         self.mode = resolve_precision(precision, extractor.device, index.identity.local_shape)
+        engine = native.describe() if extractor.device.type == "cpu" else str(extractor.device)
+        log.info("index %s: re-ranking %s maps in %s (%s)", index.name, _shape(index), self.mode, engine)
         self.searchers = searchers_of(index)
         if extractor.device.type != "cpu" and 0 < index.stored_local_bytes() <= resident_max_bytes:
             make_resident(index, extractor.device)
@@ -199,6 +201,10 @@ def answer(
 def shard_sizes(version: IndexVersion) -> list[int]:
     """References per location shard (an unsharded version: one shard of all)."""
     return [s.count for s in version.manifest.location_shards] or [len(version)]
+
+
+def _shape(index: IndexVersion) -> str:
+    return "x".join(map(str, index.identity.local_shape))
 
 
 def make_resident(index: IndexVersion, device: torch.device) -> None:

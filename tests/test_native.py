@@ -54,6 +54,21 @@ def both_paths(monkeypatch, query, cands, precision):
 @pytest.mark.skipif(not X86_WITH_COMPILER, reason="the kernel is built for x86-64 where a C compiler is")
 def test_the_install_built_the_kernel():
     assert native._library() is not None, "pip install -e . should have built model/matching/_mnn_cpu*.so"
+    assert native._library().selavpr_mnn_abi() == native.ABI
+    assert native.describe().startswith("C kernels: float32") or not CAPS
+
+
+@pytest.mark.skipif(not X86_WITH_COMPILER, reason="the kernel is built for x86-64 where a C compiler is")
+def test_a_library_from_another_version_is_not_called(monkeypatch, caplog):
+    """An editable install whose .so predates a change of the C functions' arguments: refused, logged."""
+
+    class Stale:
+        def selavpr_mnn_abi(self) -> int:
+            return native.ABI - 1
+
+    monkeypatch.setattr(native.ctypes, "CDLL", lambda path: Stale())
+    assert native._library.__wrapped__() is None
+    assert "make install" in caplog.text
 
 
 SHAPES = [  # (query h, w), (candidate h, w), channels: positions and channels off every kernel's grid

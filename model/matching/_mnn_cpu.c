@@ -30,6 +30,10 @@
 
 enum { CAP_FLOAT32 = 1, CAP_INT8 = 2, CAP_INT8_AMX = 4, CAP_BF16_AMX = 8 };
 
+/* Bumped whenever an exported function's arguments change: native.py refuses a library built from
+   another version of this file (an editable install not rebuilt) rather than call it wrongly. */
+int selavpr_mnn_abi(void) { return 1; }
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
 #include <immintrin.h>

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.machinery
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,10 +33,13 @@ import torch
 
 from model.matching.precision import Precision
 
+log = logging.getLogger(__name__)
+
 NATIVE_ENV = "SELAVPR_NATIVE_MNN"
 AMX_ENV = "SELAVPR_NATIVE_AMX"  # 0: no AMX kernels (int8 then runs on AVX-512 VNNI, bfloat16 on the tiles)
 CAP_FLOAT32, CAP_INT8, CAP_INT8_AMX, CAP_BF16_AMX = 1, 2, 4, 8  # selavpr_mnn_caps() bits
 AMX_INT8, AMX_BF16 = 0, 1  # selavpr_mnn_amx's kinds
+ABI = 1  # selavpr_mnn_abi() of the library these declarations fit
 LANES, TILE_POSITIONS = 16, 32
 TILE_ROWS = 48  # a multiple of the kernels' rows per micro-tile (8 float32, 6 int8 VNNI, 16 AMX)
 
@@ -49,9 +53,28 @@ def _library() -> ctypes.CDLL | None:
         path = here.with_name(here.name + suffix)
         if path.is_file():
             lib = ctypes.CDLL(str(path))
+            abi = getattr(lib, "selavpr_mnn_abi", None)
+            if abi is None or abi() != ABI:
+                log.warning(
+                    "%s was built from another version of _mnn_cpu.c: `make install` rebuilds it", path
+                )
+                return None
             _declare(lib)
             return lib
     return None
+
+
+def describe() -> str:
+    """Which kernels this process matches with on CPU, for the logs."""
+    caps = _caps() if os.environ.get(NATIVE_ENV, "1") != "0" else 0
+    if not caps:
+        return "torch tiles (no C kernels here)"
+    names = ["float32"] if caps & CAP_FLOAT32 else []
+    if caps & (CAP_INT8 | CAP_INT8_AMX):
+        names.append("int8 on AMX" if caps & CAP_INT8_AMX else "int8 on VNNI")
+    if caps & CAP_BF16_AMX:
+        names.append("bfloat16 on AMX")
+    return "C kernels: " + ", ".join(names)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
