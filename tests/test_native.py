@@ -205,3 +205,18 @@ def test_off_switch_and_a_missing_library_fall_back_to_the_tiles(monkeypatch):
     assert mnn_scores(query, cands, "float32").tolist() == expected.tolist()
     monkeypatch.setenv(native.AMX_ENV, "0")
     assert not native.native_available(Precision.BFLOAT16)  # bfloat16 only on AMX
+
+
+@FLOAT32
+def test_a_forked_child_matches_with_its_own_threads():
+    """The thread pool does not survive fork(); a child (a pre-forking server's worker) must not wait
+    on the parent's threads. (float32 only: torch's own OpenMP ops, such as round_ in quantize_int8,
+    can hang in a child forked after the parent ran them in parallel, with or without this kernel.)"""
+    import multiprocessing
+
+    query, cands = unit_maps(9, 9, 16, seed=13), unit_maps(3, 9, 9, 16, seed=14)
+    expected = mnn_scores(query, cands, "float32")  # the parent's pool now exists
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        got = pool.apply_async(mnn_scores, (query, cands, "float32")).get(timeout=60)
+    assert got.tolist() == expected.tolist()

@@ -234,6 +234,10 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(os.cpu_count() or 1, 1), thread_name_prefix="selavpr-mnn")
 
 
+# A forked child has none of the pool's threads: it makes its own on first use.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 @functools.cache
 def _float32_matches_torch(channels: int) -> bool:
     """The kernel's float32 argmaxes depend on its products' bits; use it only where they are torch's
