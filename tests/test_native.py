@@ -1,4 +1,4 @@
-"""The C kernel (model/matching/native.py) against the torch tiles and the literal definition."""
+"""The C kernels (model/matching/native.py) against the torch tiles and the authors' full tensor."""
 
 from __future__ import annotations
 
