@@ -109,6 +109,40 @@ TARGET_AVX512 INLINE void fold_row_i32(__m512i v, __m512i idx, int32_t *best_v, 
     }
 }
 
+/* The running bests after rows i .. i + rows - 1 of a block of 32 query positions: s0[r] and s1[r]
+   hold row r's similarities (int32 dot products, or keys that order like floats) for positions
+   j .. j + 15 and j + 16 .. j + 31; m0, m1 mask the positions past the query. rv, ri: each row's
+   per-lane (max, first index); cv, ci: each position's (max, first row), in memory. */
+TARGET_AVX512 INLINE void reduce_block_i32(const __m512i *s0, const __m512i *s1, int rows, int i, int j,
+                                           __mmask16 m0, __mmask16 m1, __m512i *rv, __m512i *ri,
+                                           int32_t *cv, int32_t *ci) {
+    __m512i j0 = _mm512_add_epi32(_mm512_set1_epi32(j),
+                                  _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+    __m512i j1 = _mm512_add_epi32(j0, _mm512_set1_epi32(JV));
+    __m512i c0 = _mm512_loadu_si512(cv + j), c1 = _mm512_loadu_si512(cv + j + JV);
+    __m512i k0 = _mm512_loadu_si512(ci + j), k1 = _mm512_loadu_si512(ci + j + JV);
+#pragma GCC unroll 16
+    for (int r = 0; r < rows; r++) {
+        __mmask16 g = _mm512_mask_cmpgt_epi32_mask(m0, s0[r], rv[r]);
+        rv[r] = _mm512_mask_mov_epi32(rv[r], g, s0[r]);
+        ri[r] = _mm512_mask_mov_epi32(ri[r], g, j0);
+        g = _mm512_mask_cmpgt_epi32_mask(m1, s1[r], rv[r]);
+        rv[r] = _mm512_mask_mov_epi32(rv[r], g, s1[r]);
+        ri[r] = _mm512_mask_mov_epi32(ri[r], g, j1);
+        __m512i row = _mm512_set1_epi32(i + r);
+        g = _mm512_cmpgt_epi32_mask(s0[r], c0);
+        c0 = _mm512_mask_mov_epi32(c0, g, s0[r]);
+        k0 = _mm512_mask_mov_epi32(k0, g, row);
+        g = _mm512_cmpgt_epi32_mask(s1[r], c1);
+        c1 = _mm512_mask_mov_epi32(c1, g, s1[r]);
+        k1 = _mm512_mask_mov_epi32(k1, g, row);
+    }
+    _mm512_storeu_si512(cv + j, c0);
+    _mm512_storeu_si512(cv + j + JV, c1);
+    _mm512_storeu_si512(ci + j, k0);
+    _mm512_storeu_si512(ci + j + JV, k1);
+}
+
 /* ---- float32 ---------------------------------------------------------------------------------- */
 
 /* One micro-tile: `rows` (<= R_F32) candidate rows a (stride c) against query positions j .. j + 31,
@@ -224,31 +258,7 @@ TARGET_I8 INLINE void tile_i8(const uint8_t *a, int c, const int8_t *q, const in
             s1[r] = _mm512_dpbusd_epi32(s1[r], x, b1);
         }
     }
-    __m512i j0 = _mm512_add_epi32(_mm512_set1_epi32(j),
-                                  _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
-    __m512i j1 = _mm512_add_epi32(j0, _mm512_set1_epi32(JV));
-    __m512i c0 = _mm512_loadu_si512(cv + j), c1 = _mm512_loadu_si512(cv + j + JV);
-    __m512i k0 = _mm512_loadu_si512(ci + j), k1 = _mm512_loadu_si512(ci + j + JV);
-#pragma GCC unroll 6
-    for (int r = 0; r < rows; r++) {
-        __mmask16 g = _mm512_mask_cmpgt_epi32_mask(m0, s0[r], rv[r]);
-        rv[r] = _mm512_mask_mov_epi32(rv[r], g, s0[r]);
-        ri[r] = _mm512_mask_mov_epi32(ri[r], g, j0);
-        g = _mm512_mask_cmpgt_epi32_mask(m1, s1[r], rv[r]);
-        rv[r] = _mm512_mask_mov_epi32(rv[r], g, s1[r]);
-        ri[r] = _mm512_mask_mov_epi32(ri[r], g, j1);
-        __m512i row = _mm512_set1_epi32(i + r);
-        g = _mm512_cmpgt_epi32_mask(s0[r], c0);
-        c0 = _mm512_mask_mov_epi32(c0, g, s0[r]);
-        k0 = _mm512_mask_mov_epi32(k0, g, row);
-        g = _mm512_cmpgt_epi32_mask(s1[r], c1);
-        c1 = _mm512_mask_mov_epi32(c1, g, s1[r]);
-        k1 = _mm512_mask_mov_epi32(k1, g, row);
-    }
-    _mm512_storeu_si512(cv + j, c0);
-    _mm512_storeu_si512(cv + j + JV, c1);
-    _mm512_storeu_si512(ci + j, k0);
-    _mm512_storeu_si512(ci + j + JV, k1);
+    reduce_block_i32(s0, s1, rows, i, j, m0, m1, rv, ri, cv, ci);
 }
 
 TARGET_I8 INLINE void rows_i8(const uint8_t *map, const int8_t *qp, const int32_t *bias, int lq, int c,
@@ -359,32 +369,13 @@ TARGET_AVX512 INLINE __m512i float_order(__m512i bits) {
 
 TARGET_AMX INLINE void amx_reduce(int kind, const int32_t *sim, int rows, int i, int j, __mmask16 m0,
                                   __mmask16 m1, __m512i *rv, __m512i *ri, int32_t *cv, int32_t *ci) {
-    __m512i j0 = _mm512_add_epi32(_mm512_set1_epi32(j),
-                                  _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
-    __m512i j1 = _mm512_add_epi32(j0, _mm512_set1_epi32(JV));
-    __m512i c0 = _mm512_loadu_si512(cv + j), c1 = _mm512_loadu_si512(cv + j + JV);
-    __m512i k0 = _mm512_loadu_si512(ci + j), k1 = _mm512_loadu_si512(ci + j + JV);
+    __m512i s0[AMX_ROWS], s1[AMX_ROWS];
     for (int r = 0; r < rows; r++) {
-        __m512i s0 = _mm512_loadu_si512(sim + r * JT), s1 = _mm512_loadu_si512(sim + r * JT + JV);
-        if (kind == AMX_BF16) s0 = float_order(s0), s1 = float_order(s1);
-        __mmask16 g = _mm512_mask_cmpgt_epi32_mask(m0, s0, rv[r]);
-        rv[r] = _mm512_mask_mov_epi32(rv[r], g, s0);
-        ri[r] = _mm512_mask_mov_epi32(ri[r], g, j0);
-        g = _mm512_mask_cmpgt_epi32_mask(m1, s1, rv[r]);
-        rv[r] = _mm512_mask_mov_epi32(rv[r], g, s1);
-        ri[r] = _mm512_mask_mov_epi32(ri[r], g, j1);
-        __m512i row = _mm512_set1_epi32(i + r);
-        g = _mm512_cmpgt_epi32_mask(s0, c0);
-        c0 = _mm512_mask_mov_epi32(c0, g, s0);
-        k0 = _mm512_mask_mov_epi32(k0, g, row);
-        g = _mm512_cmpgt_epi32_mask(s1, c1);
-        c1 = _mm512_mask_mov_epi32(c1, g, s1);
-        k1 = _mm512_mask_mov_epi32(k1, g, row);
+        s0[r] = _mm512_loadu_si512(sim + r * JT);
+        s1[r] = _mm512_loadu_si512(sim + r * JT + JV);
+        if (kind == AMX_BF16) s0[r] = float_order(s0[r]), s1[r] = float_order(s1[r]);
     }
-    _mm512_storeu_si512(cv + j, c0);
-    _mm512_storeu_si512(cv + j + JV, c1);
-    _mm512_storeu_si512(ci + j, k0);
-    _mm512_storeu_si512(ci + j + JV, k1);
+    reduce_block_i32(s0, s1, rows, i, j, m0, m1, rv, ri, cv, ci);
 }
 
 /* As selavpr_mnn_i8, for kind AMX_INT8 (the same packed query, no bias: the tiles multiply signed
