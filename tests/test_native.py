@@ -122,7 +122,6 @@ def test_bfloat16_ties_go_to_the_lowest_index(monkeypatch):
     assert torch.equal(got.best_q_of_c, sim.argmax(dim=2))
 
 
-@FLOAT32
 @pytest.mark.parametrize("channels", [128, 384, 1024])
 def test_float32_counts_are_the_authors(channels):
     """The authors' way: the whole float32 similarity tensor from torch.matmul, two argmaxes. Where
@@ -197,14 +196,20 @@ def test_off_switch_and_a_missing_library_fall_back_to_the_tiles(monkeypatch):
     assert not native.native_available(Precision.BFLOAT16)
     monkeypatch.undo()
     assert not native.native_available(Precision.FLOAT16)  # no kernel for float16 anywhere
-    # where torch.mm sums in another order than the kernel (this channel count), float32 takes the tiles
-    monkeypatch.setattr(native, "_float32_matches_torch", lambda channels: channels != 16)
-    assert native.native_available(Precision.FLOAT32, 128) and not native.native_available(
-        Precision.FLOAT32, 16
-    )
-    assert mnn_scores(query, cands, "float32").tolist() == expected.tolist()
     monkeypatch.setenv(native.AMX_ENV, "0")
     assert not native.native_available(Precision.BFLOAT16)  # bfloat16 only on AMX
+
+
+@FLOAT32
+def test_float32_takes_the_tiles_where_torch_sums_in_another_order(monkeypatch):
+    """Where torch.mm sums in another order than the kernel (for some channel count), float32 runs on
+    the tiles for that channel count and on the kernel for the others: the counts are the same."""
+    query, cands = unit_maps(6, 6, 16, seed=8), unit_maps(3, 6, 6, 16, seed=9)
+    expected = mnn_scores(query, cands, "float32")
+    monkeypatch.setattr(native, "_float32_matches_torch", lambda channels: channels != 16)
+    assert native.native_available(Precision.FLOAT32, 128)
+    assert not native.native_available(Precision.FLOAT32, 16)
+    assert mnn_scores(query, cands, "float32").tolist() == expected.tolist()
 
 
 @FLOAT32
