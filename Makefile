@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml model/matching/_mnn_cpu.c | $(BIN)/python
+$(VENV)/.installed: pyproject.toml $(wildcard model/matching/_mnn_*.[ch]) | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
 	$(BIN)/pip install --quiet -e .
 	touch $@

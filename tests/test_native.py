@@ -18,22 +18,39 @@ CPU = torch.device("cpu")
 X86_WITH_COMPILER = platform.machine() == "x86_64" and shutil.which("cc") is not None
 
 
-CAPS = native._caps()
+FEATURES = native._cpu_features()
+MACHINE = native._machine()
 
 
-def kernel_param(precision: Precision, cap: int, amx: bool, name: str):
-    """One of the C kernels, skipped where the CPU lacks its instructions."""
-    mark = pytest.mark.skipif(not CAPS & cap, reason=f"this CPU has no {name} kernel")
-    return pytest.param(precision, "1" if amx else "0", marks=mark, id=name)
+def kernel_param(kernel: native.Kernel):
+    """One of the C kernels, run by capping the instruction set at its own (SELAVPR_NATIVE_ISA);
+    skipped, saying why, where this machine cannot run it."""
+    if kernel.isa not in native.ISA_LEVELS.get(MACHINE, ()):
+        reason = f"{kernel.name} is for another architecture than {MACHINE}"
+        if kernel.isa in native.ISA_LEVELS["aarch64"]:
+            reason += " (checked under qemu: tests/test_native_arm.py)"
+    else:
+        reason = f"this CPU has no {kernel.name}"
+    mark = pytest.mark.skipif(
+        not FEATURES & kernel.feature or kernel.isa not in native.ISA_LEVELS.get(MACHINE, ()), reason=reason
+    )
+    return pytest.param(kernel, marks=mark, id=kernel.symbol.removeprefix("selavpr_mnn_"))
 
 
-EXACT_KERNELS = [  # results equal to the tiles'
-    kernel_param(Precision.FLOAT32, native.CAP_FLOAT32, False, "float32"),
-    kernel_param(Precision.INT8, native.CAP_INT8, False, "int8-vnni"),
-    kernel_param(Precision.INT8, native.CAP_INT8_AMX, True, "int8-amx"),
-]
-FLOAT32 = pytest.mark.skipif(not CAPS & native.CAP_FLOAT32, reason="no float32 kernel here")
-BF16_AMX = pytest.mark.skipif(not CAPS & native.CAP_BF16_AMX, reason="no AMX bfloat16 here")
+# results equal to the tiles' (bfloat16 is float32 matching of rounded maps: tested apart)
+EXACT_KERNELS = [kernel_param(k) for k in native.KERNELS if k.precision is not Precision.BFLOAT16]
+FLOAT32_KERNELS = [kernel_param(k) for k in native.KERNELS if k.precision is Precision.FLOAT32]
+FLOAT32 = pytest.mark.skipif(
+    native.kernel_for(Precision.FLOAT32) is None, reason="no float32 kernel on this CPU"
+)
+BF16_AMX = pytest.mark.skipif(not FEATURES & native.CAP_AMX_BF16, reason="no AMX bfloat16 on this CPU")
+
+
+def use(monkeypatch, kernel: native.Kernel) -> None:
+    """Cap the instruction set at `kernel`'s: it is then the one that runs for its precision."""
+    monkeypatch.setenv(native.ISA_ENV, kernel.isa)
+    monkeypatch.delenv(native.AMX_ENV, raising=False)
+    assert native.kernel_for(kernel.precision) == kernel
 
 
 def unit_maps(*shape: int, seed: int) -> torch.Tensor:
@@ -55,7 +72,7 @@ def both_paths(monkeypatch, query, cands, precision):
 def test_the_install_built_the_kernel():
     assert native._library() is not None, "pip install -e . should have built model/matching/_mnn_cpu*.so"
     assert native._library().selavpr_mnn_abi() == native.ABI
-    assert native.describe().startswith("C kernels: float32") or not CAPS
+    assert native.describe().startswith("C kernels: float32") or not FEATURES
 
 
 @pytest.mark.skipif(not X86_WITH_COMPILER, reason="the kernel is built for x86-64 where a C compiler is")
@@ -80,11 +97,11 @@ SHAPES = [  # (query h, w), (candidate h, w), channels: positions and channels o
 ]
 
 
-@pytest.mark.parametrize(("precision", "amx"), EXACT_KERNELS)
+@pytest.mark.parametrize("kernel", EXACT_KERNELS)
 @pytest.mark.parametrize(("q_hw", "c_hw", "channels"), SHAPES)
-def test_equals_the_tiles_on_odd_shapes(monkeypatch, precision, amx, q_hw, c_hw, channels):
-    monkeypatch.setenv(native.AMX_ENV, amx)
-    assert native.amx_enabled() == (amx == "1") or precision is Precision.FLOAT32
+def test_equals_the_tiles_on_odd_shapes(monkeypatch, kernel, q_hw, c_hw, channels):
+    use(monkeypatch, kernel)
+    precision = kernel.precision
     query = unit_maps(*q_hw, channels, seed=1)
     cands = unit_maps(5, *c_hw, channels, seed=2)
     positions = c_hw[0] * c_hw[1]
@@ -136,11 +153,12 @@ def test_float32_counts_are_the_authors(channels):
     assert int(expected.argmax()) == 2  # a real match among them
 
 
-@pytest.mark.parametrize(("precision", "amx"), EXACT_KERNELS)
-def test_ties_go_to_the_lowest_index_on_both_sides(monkeypatch, precision, amx):
+@pytest.mark.parametrize("kernel", EXACT_KERNELS)
+def test_ties_go_to_the_lowest_index_on_both_sides(monkeypatch, kernel):
     """Coarse values: many exactly equal similarities along rows, columns, and across the threads'
     row ranges and the kernel's query chunks."""
-    monkeypatch.setenv(native.AMX_ENV, amx)
+    use(monkeypatch, kernel)
+    precision = kernel.precision
     gen = torch.Generator().manual_seed(5)
     query = torch.randint(-1, 2, (700, 8), generator=gen).float()
     cands = torch.randint(-1, 2, (3, 600, 8), generator=gen).float()
@@ -155,9 +173,10 @@ def test_ties_go_to_the_lowest_index_on_both_sides(monkeypatch, precision, amx):
     assert fast.best_c_of_q[1].eq(0).all() and fast.best_q_of_c[1].eq(0).all()
 
 
-@FLOAT32
-def test_float32_near_ties_and_negative_rows():
+@pytest.mark.parametrize("kernel", FLOAT32_KERNELS)
+def test_float32_near_ties_and_negative_rows(monkeypatch, kernel):
     """Values one float32 step apart, a lower index holding the smaller one; rows all negative."""
+    use(monkeypatch, kernel)
     step = 2.0**-24
     near = torch.tensor([0.5 + step, 0.5 + 2 * step, 0.25]).reshape(1, 3, 1)
     ones = torch.tensor([1.0, -1.0]).reshape(1, 2, 1)
@@ -169,15 +188,19 @@ def test_float32_near_ties_and_negative_rows():
 
 
 @pytest.mark.parametrize("threads", [1, 3, 64])
-@pytest.mark.parametrize(("precision", "amx"), EXACT_KERNELS)
-def test_results_do_not_depend_on_the_threads(monkeypatch, precision, amx, threads):
+@pytest.mark.parametrize("kernel", EXACT_KERNELS)
+def test_results_do_not_depend_on_the_threads(monkeypatch, kernel, threads):
     """Candidate rows are split between threads (more threads than rows too); the column bests of the
     ranges are merged keeping the first."""
-    monkeypatch.setenv(native.AMX_ENV, amx)
-    query, cands = unit_maps(9, 9, 16, seed=6), unit_maps(3, 7, 9, 16, seed=7)
+    use(monkeypatch, kernel)
+    precision = kernel.precision
+    query, cands = unit_maps(9, 9, 16, seed=6), unit_maps(3, 20, 10, 16, seed=7)
     cands[0, :, :] = cands[0, 0, 0]  # one row repeated: column ties across every range
+    monkeypatch.setenv(NATIVE_ENV, "0")
     expected = best_matches(query.reshape(-1, 16), DenseMaps(cands), precision, CPU, None)
+    monkeypatch.setenv(NATIVE_ENV, "1")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert len(native._row_ranges(200, threads)) == {1: 1, 3: 3, 64: 5}[threads]  # 48-row multiples
     got = best_matches(query.reshape(-1, 16), DenseMaps(cands), precision, CPU, None)
     assert torch.equal(got.best_c_of_q, expected.best_c_of_q)
     assert torch.equal(got.best_q_of_c, expected.best_q_of_c)
@@ -225,3 +248,63 @@ def test_a_forked_child_matches_with_its_own_threads():
     with context.Pool(1) as pool:
         got = pool.apply_async(mnn_scores, (query, cands, "float32")).get(timeout=60)
     assert got.tolist() == expected.tolist()
+
+
+INT8_KERNELS = [kernel_param(k) for k in native.KERNELS if k.precision is Precision.INT8]
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_int8_extremes_are_exact(monkeypatch, kernel):
+    """The largest products int8 allows: candidates at -128 and 127, the query at +-127 (quantize_int8's
+    range). AVX2's vpmaddubsw adds pairs of products into int16 with saturation; its operands are
+    chosen so that a pair is at most 2 * 128 * 127 = 32512 (see _mnn_cpu.c): every dot product, and
+    every best similarity the kernel reports, equals the exact one."""
+    use(monkeypatch, kernel)
+    gen = torch.Generator().manual_seed(15)
+    query = torch.where(torch.rand(45, 64, generator=gen) < 0.5, -127, 127).to(torch.int8)
+    cands = torch.where(torch.rand(2, 37, 64, generator=gen) < 0.5, -128, 127).to(torch.int8)
+    cands[1, :5] = -128  # with a query vector of +-127: pairs of products at the int16 limit's edge
+    query[:3] = -127
+    best_c, best_q, best_value = native._run(cands, native._prepare_query(query, Precision.INT8))
+    sim = torch.matmul(cands.long(), query.long().T)
+    assert torch.equal(best_value.long(), sim.amax(dim=1))
+    assert torch.equal(best_c, sim.argmax(dim=1))
+    assert torch.equal(best_q, sim.argmax(dim=2))
+    assert int(sim.abs().max()) == 64 * 128 * 127  # the extremes were reached
+
+
+@pytest.mark.skipif(not FEATURES & native.CAP_AVX2, reason="this CPU has no AVX2")
+def test_the_avx2_int8_kernel_refuses_a_query_at_minus_128(monkeypatch):
+    """q = -128 could saturate vpmaddubsw's pairs (|q * sign(a)| would be 128): refused, not wrong."""
+    monkeypatch.setenv(native.ISA_ENV, "avx2")
+    query = torch.full((3, 8), -128, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"\[-127, 127\]"):
+        native._prepare_query(query, Precision.INT8)
+
+
+@pytest.mark.skipif(MACHINE != "x86_64", reason="the x86-64 instruction-set levels")
+def test_the_instruction_set_cap_chooses_from_one_table(monkeypatch):
+    """SELAVPR_NATIVE_ISA caps the kernels; one kernel per precision runs, the first the CPU has."""
+    monkeypatch.setenv(native.ISA_ENV, "avx9")
+    with pytest.raises(ValueError, match="avx2"):
+        native.kernel_for(Precision.INT8)
+    monkeypatch.setenv(native.ISA_ENV, "avx2")
+    table = native.dispatch_table()
+    running = [row for row in table if row["runs"]]
+    assert all(row["isa"] == "avx2" and row["cpu_has"] for row in running)
+    assert not any(row["allowed"] for row in table if row["isa"] in ("avx_vnni", "avx512", "amx", "neon"))
+    if FEATURES & native.CAP_AVX2:
+        assert {row["precision"] for row in running} == {"float32", "int8"}
+        assert native.describe() == "C kernels: float32 on AVX2, int8 on AVX2 (SELAVPR_NATIVE_ISA=avx2)"
+    monkeypatch.delenv(native.ISA_ENV)
+    monkeypatch.setenv(native.AMX_ENV, "0")  # the older switch: no AMX
+    assert native._isa_cap() == "avx512"
+    assert not native.amx_enabled()
+    monkeypatch.delenv(native.AMX_ENV)
+    for precision in (Precision.FLOAT32, Precision.INT8, Precision.BFLOAT16):
+        runs = [row for row in native.dispatch_table() if row["runs"] and row["precision"] == str(precision)]
+        chosen = native.kernel_for(precision)
+        assert [row["kernel"] for row in runs] == ([chosen.name] if chosen else [])
+        if chosen:  # the first kernel of its precision that this CPU has
+            first = next(k for k in native.KERNELS if k.precision is precision and FEATURES & k.feature)
+            assert chosen == first

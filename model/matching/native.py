@@ -1,19 +1,27 @@
-"""The engine's inner loop on CPU in C (`_mnn_cpu.c`): similarities of one query against a batch of
-candidate maps, reduced to both argmaxes while they are still in registers or L1.
+"""The engine's inner loop on CPU in C (`_mnn_cpu.c` for x86-64, `_mnn_arm.c` for ARM): similarities of
+one query against a batch of candidate maps, reduced to both argmaxes while they are still in registers
+or L1.
 
-The torch tiles write every similarity tile to memory and read it back for each reduction; on a CPU
-with AVX-512 that traffic, not the products, bounds them. Here a similarity never leaves the core.
+The torch tiles write every similarity tile to memory and read it back for each reduction; on CPUs with
+wide vectors that traffic, not the products, bounds them. Here a similarity never leaves the core.
 
-- float32 (AVX-512 FMA): equal to the tiles and to the authors' torch.matmul to the bit, where this
-  CPU's torch.mm sums in the kernel's order (checked once per process before use,
+KERNELS is the one table of which kernel runs where: for each precision, the kernels in order of
+preference with the CPU feature each needs (reported by the library's selavpr_mnn_caps()); the first
+whose feature this CPU has, within SELAVPR_NATIVE_ISA, runs.
+
+- float32 (AVX-512, AVX2 or NEON FMA): equal to the tiles and to the authors' torch.matmul to the bit,
+  where this CPU's torch.mm sums in the kernel's order (checked once per process and kernel before use,
   `_float32_matches_torch`; otherwise float32 runs on the tiles).
-- int8 (AMX tiles where the CPU has them, else AVX-512 VNNI): exact integer products, equal to the tiles.
+- int8 (AMX, AVX-512 VNNI, AVX-VNNI, AVX2, ARM i8mm or dot product): exact integer products, equal to
+  the tiles.
 - bfloat16 (AMX): similarities summed in float32 from bfloat16 operands, not rounded to 16 bits as the
   tiles' GEMM rounds them (like the GPU's fused kernel), so a few argmaxes differ from the tiles'.
 
 Ties go to the lowest index on both sides. Built at install time as an optional extension
 (pyproject.toml); where it did not build, the CPU lacks the instructions, or SELAVPR_NATIVE_MNN=0, the
-engine runs its tiles (SELAVPR_NATIVE_AMX=0: no AMX). Candidate positions are split between threads
+engine runs its tiles. SELAVPR_NATIVE_ISA caps the instruction sets used (x86-64: avx2, avx_vnni,
+avx512, amx; ARM: neon, dotprod, i8mm), e.g. to run the AVX2 kernels on an AVX-512 CPU;
+SELAVPR_NATIVE_AMX=0 is the older spelling of avx512. Candidate positions are split between threads
 (torch.get_num_threads()); ctypes releases the GIL.
 """
 
@@ -24,6 +32,7 @@ import functools
 import importlib.machinery
 import logging
 import os
+import platform
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,14 +45,89 @@ from model.matching.precision import Precision
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "SELAVPR_NATIVE_MNN"
-AMX_ENV = "SELAVPR_NATIVE_AMX"  # 0: no AMX kernels (int8 then runs on AVX-512 VNNI, bfloat16 on the tiles)
-CAP_FLOAT32, CAP_INT8, CAP_INT8_AMX, CAP_BF16_AMX = 1, 2, 4, 8  # selavpr_mnn_caps() bits
-AMX_INT8, AMX_BF16 = 0, 1  # selavpr_mnn_amx's kinds
-ABI = 1  # selavpr_mnn_abi() of the library these declarations fit
+ISA_ENV = "SELAVPR_NATIVE_ISA"
+AMX_ENV = "SELAVPR_NATIVE_AMX"  # 0: no AMX kernels (as SELAVPR_NATIVE_ISA=avx512)
+# selavpr_mnn_caps() bits: CPU features (_mnn_driver.h)
+CAP_AVX2, CAP_AVX_VNNI, CAP_AVX512, CAP_AVX512_VNNI, CAP_AMX_INT8, CAP_AMX_BF16 = (1 << b for b in range(6))
+CAP_NEON, CAP_DOTPROD, CAP_I8MM = 1 << 6, 1 << 7, 1 << 8
+ABI = 2  # selavpr_mnn_abi() of the library these declarations fit
 LANES, TILE_POSITIONS = 16, 32
-TILE_ROWS = 48  # a multiple of the kernels' rows per micro-tile (8 float32, 6 int8 VNNI, 16 AMX)
+TILE_ROWS = 48  # a multiple of every kernel's rows per micro-tile (4, 6, 8, 16)
+
+# The instruction-set levels SELAVPR_NATIVE_ISA names, lowest first, per architecture.
+ISA_LEVELS = {"x86_64": ("avx2", "avx_vnni", "avx512", "amx"), "aarch64": ("neon", "dotprod", "i8mm")}
 
 NativeMatcher = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a kernel takes the query: [L_q_pad / 16][C / group][16][group] values, channels zero-padded
+    to a multiple of `channel_multiple`; `bias`: the VNNI kernels' (see _prepare_query)."""
+
+    group: int
+    channel_multiple: int
+    bias: bool = False
+    no_minus_128: bool = False  # the AVX2 int8 kernel's query is in [-127, 127] (see _mnn_cpu.c)
+
+
+FLOAT32_PACKING = Packing(group=1, channel_multiple=1)
+VNNI_PACKING = Packing(group=4, channel_multiple=4, bias=True)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One C kernel: `symbol` in the library, run for `precision` where the CPU has `feature` (a caps
+    bit) and SELAVPR_NATIVE_ISA allows `isa`."""
+
+    name: str
+    precision: Precision
+    symbol: str
+    feature: int
+    isa: str
+    packing: Packing
+
+
+# In order of preference per precision: the first one present runs.
+KERNELS = (
+    Kernel(
+        "float32 on AVX-512",
+        Precision.FLOAT32,
+        "selavpr_mnn_f32_avx512",
+        CAP_AVX512,
+        "avx512",
+        FLOAT32_PACKING,
+    ),
+    Kernel("float32 on AVX2", Precision.FLOAT32, "selavpr_mnn_f32_avx2", CAP_AVX2, "avx2", FLOAT32_PACKING),
+    Kernel("float32 on NEON", Precision.FLOAT32, "selavpr_mnn_f32_neon", CAP_NEON, "neon", FLOAT32_PACKING),
+    Kernel("int8 on AMX", Precision.INT8, "selavpr_mnn_i8_amx", CAP_AMX_INT8, "amx", Packing(4, 64)),
+    Kernel(
+        "int8 on AVX-512 VNNI",
+        Precision.INT8,
+        "selavpr_mnn_i8_avx512vnni",
+        CAP_AVX512_VNNI,
+        "avx512",
+        VNNI_PACKING,
+    ),
+    Kernel(
+        "int8 on AVX-VNNI", Precision.INT8, "selavpr_mnn_i8_avxvnni", CAP_AVX_VNNI, "avx_vnni", VNNI_PACKING
+    ),
+    Kernel(
+        "int8 on AVX2",
+        Precision.INT8,
+        "selavpr_mnn_i8_avx2",
+        CAP_AVX2,
+        "avx2",
+        Packing(4, 4, no_minus_128=True),
+    ),
+    Kernel("int8 on i8mm", Precision.INT8, "selavpr_mnn_i8_smmla", CAP_I8MM, "i8mm", Packing(8, 8)),
+    Kernel(
+        "int8 on dot product", Precision.INT8, "selavpr_mnn_i8_sdot", CAP_DOTPROD, "dotprod", Packing(4, 4)
+    ),
+    Kernel(
+        "bfloat16 on AMX", Precision.BFLOAT16, "selavpr_mnn_bf16_amx", CAP_AMX_BF16, "amx", Packing(2, 32)
+    ),
+)
 
 
 @functools.cache
@@ -64,51 +148,94 @@ def _library() -> ctypes.CDLL | None:
     return None
 
 
-def describe() -> str:
-    """Which kernels this process matches with on CPU, for the logs."""
-    caps = _caps() if os.environ.get(NATIVE_ENV, "1") != "0" else 0
-    if not caps:
-        return "torch tiles (no C kernels here)"
-    names = ["float32"] if caps & CAP_FLOAT32 else []
-    if caps & (CAP_INT8 | CAP_INT8_AMX):
-        names.append("int8 on AMX" if caps & CAP_INT8_AMX else "int8 on VNNI")
-    if caps & CAP_BF16_AMX:
-        names.append("bfloat16 on AMX")
-    return "C kernels: " + ", ".join(names)
-
-
 def _declare(lib: ctypes.CDLL) -> None:
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
-    outputs = [i64, i32, i32, i32, i32, p, p, p]  # k, l_c, channels or row bytes, i0, i1, 3 outputs
     lib.selavpr_mnn_caps.restype = i32
     lib.selavpr_mnn_caps.argtypes = []
-    for name, inputs in (
-        ("selavpr_mnn_f32", [p, i32, i32, p]),
-        ("selavpr_mnn_i8", [p, p, i32, i32, p]),
-        ("selavpr_mnn_amx", [i32, p, i32, i32, p]),
-    ):
-        getattr(lib, name).restype = i32
-        getattr(lib, name).argtypes = inputs + outputs
+    for kernel in KERNELS:
+        fn = getattr(lib, kernel.symbol, None)  # only this architecture's kernels are in the library
+        if fn is not None:
+            fn.restype = i32
+            # query, bias, L_q, L_q_pad, maps, k, L_c, channels, i0, i1, row_arg, col_val, col_arg
+            fn.argtypes = [p, p, i32, i32, p, i64, i32, i32, i32, i32, p, p, p]
 
 
-def _caps() -> int:
+def _cpu_features() -> int:
     lib = _library()
-    caps = lib.selavpr_mnn_caps() if lib is not None else 0
-    return caps & ~(CAP_INT8_AMX | CAP_BF16_AMX) if os.environ.get(AMX_ENV, "1") == "0" else caps
+    return lib.selavpr_mnn_caps() if lib is not None else 0
+
+
+def _isa_cap() -> str | None:
+    """The highest instruction-set level allowed (SELAVPR_NATIVE_ISA, or SELAVPR_NATIVE_AMX=0), or None."""
+    levels = ISA_LEVELS.get(_machine(), ())
+    cap = os.environ.get(ISA_ENV, "").strip().lower() or None
+    if cap is not None and cap not in levels:
+        raise ValueError(f"{ISA_ENV}={cap!r}: expected one of {list(levels)} on this {_machine()} CPU")
+    if os.environ.get(AMX_ENV, "1") == "0" and "avx512" in levels:
+        cap = "avx512" if cap is None else levels[min(levels.index(cap), levels.index("avx512"))]
+    return cap
+
+
+def _machine() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def _allowed(kernel: Kernel, cap: str | None) -> bool:
+    levels = ISA_LEVELS.get(_machine(), ())
+    if kernel.isa not in levels:
+        return False
+    return cap is None or levels.index(kernel.isa) <= levels.index(cap)
+
+
+def dispatch_table() -> list[dict]:
+    """Every kernel of KERNELS with whether this CPU has its feature, SELAVPR_NATIVE_ISA allows it, and
+    it is the one that runs for its precision (printed by bench.rerank)."""
+    on = os.environ.get(NATIVE_ENV, "1") != "0"
+    features, cap = _cpu_features(), _isa_cap()
+    chosen = {p: kernel_for(p) for p in {k.precision for k in KERNELS}}
+    return [
+        {
+            "kernel": k.name,
+            "precision": str(k.precision),
+            "isa": k.isa,
+            "cpu_has": bool(features & k.feature),
+            "allowed": _allowed(k, cap),
+            "runs": on and chosen[k.precision] == k,
+        }
+        for k in KERNELS
+    ]
+
+
+def kernel_for(precision: Precision) -> Kernel | None:
+    """The kernel that runs `precision` here: the first of KERNELS this CPU has and the cap allows."""
+    if os.environ.get(NATIVE_ENV, "1") == "0":
+        return None
+    features, cap = _cpu_features(), _isa_cap()
+    for kernel in KERNELS:
+        present = features & kernel.feature and hasattr(_library(), kernel.symbol)
+        if kernel.precision is precision and present and _allowed(kernel, cap):
+            return kernel
+    return None
+
+
+def describe() -> str:
+    """Which kernels this process matches with on CPU, for the logs."""
+    kernels = [
+        k for k in (kernel_for(p) for p in (Precision.FLOAT32, Precision.INT8, Precision.BFLOAT16)) if k
+    ]
+    if not kernels:
+        return "torch tiles (no C kernels here)"
+    cap = _isa_cap()
+    return "C kernels: " + ", ".join(k.name for k in kernels) + (f" ({ISA_ENV}={cap})" if cap else "")
 
 
 def native_available(precision: Precision, channels: int = 128) -> bool:
     """Whether this process can run a C kernel for `precision` on maps of `channels` (built, the CPU
-    has the instructions: AVX-512 for float32, VNNI or AMX for int8, AMX for bfloat16; float32 only
-    where its bits are torch's for this channel count); SELAVPR_NATIVE_MNN=0 turns them off."""
-    if os.environ.get(NATIVE_ENV, "1") == "0":
-        return False
-    needs = {
-        Precision.FLOAT32: CAP_FLOAT32,
-        Precision.INT8: CAP_INT8 | CAP_INT8_AMX,
-        Precision.BFLOAT16: CAP_BF16_AMX,
-    }.get(precision, 0)
-    if not _caps() & needs:
+    has the instructions of one in KERNELS; float32 only where its bits are torch's for this channel
+    count); SELAVPR_NATIVE_MNN=0 turns them off."""
+    kernel = kernel_for(precision)
+    if kernel is None:
         return False
     return precision is not Precision.FLOAT32 or _float32_matches_torch(channels)
 
@@ -118,19 +245,19 @@ def native_enabled(device: torch.device, precision: Precision, channels: int = 1
 
 
 def amx_enabled() -> bool:
-    """Whether int8 runs on AMX tiles (CPUs with AMX, unless SELAVPR_NATIVE_AMX=0) rather than VNNI."""
-    return bool(_caps() & CAP_INT8_AMX)
+    """Whether int8 runs on AMX tiles (CPUs with AMX, unless capped below amx)."""
+    kernel = kernel_for(Precision.INT8)
+    return kernel is not None and kernel.isa == "amx"
 
 
 @dataclass
 class _Query:
-    """A query packed for one kernel: `kind` float32 | int8 | int8_amx | bfloat16_amx."""
+    """A query packed for one kernel."""
 
-    kind: str
+    kernel: Kernel
     packed: torch.Tensor
     lq: int
-    channel_multiple: int  # candidates' channels are zero-padded to a multiple of this
-    bias: torch.Tensor | None = None  # the VNNI kernel's (see _pack)
+    bias: torch.Tensor | None = None  # the VNNI kernels' (see _prepare_query)
 
     @property
     def lq_pad(self) -> int:
@@ -144,22 +271,24 @@ def native_matcher(query: torch.Tensor, precision: Precision) -> NativeMatcher:
     return lambda chunk: _run(chunk, prepared)[:2]
 
 
-def _prepare_query(query: torch.Tensor, precision: Precision) -> _Query:
+def _prepare_query(query: torch.Tensor, precision: Precision, kernel: Kernel | None = None) -> _Query:
+    kernel = kernel or kernel_for(precision)
+    if kernel is None:
+        raise RuntimeError(f"no C kernel for {precision} on this CPU")
+    packing = kernel.packing
     lq = query.shape[0]
     lq_pad = -(-lq // TILE_POSITIONS) * TILE_POSITIONS
-    if precision is Precision.BFLOAT16:  # 32 bfloat16 channels per 64-byte tile row, in pairs
-        padded = _padded_channels(query.contiguous(), 32)
-        return _Query("bfloat16_amx", _pack(padded, lq_pad, group=2), lq, 32)
-    if precision is Precision.INT8:
-        # The VNNI kernel's bias, -128 * the sum of each query vector's components, cancels the +128
-        # that makes its candidate bytes unsigned (AMX multiplies signed bytes).
-        amx = amx_enabled()
-        padded = _padded_channels(query.contiguous(), 64 if amx else 4)
+    query = query.float() if precision is Precision.FLOAT32 else query
+    padded = _padded_channels(query.contiguous(), packing.channel_multiple)
+    if packing.no_minus_128 and bool((padded == -128).any()):
+        raise ValueError(f"{kernel.name} takes int8 queries in [-127, 127] (quantize_int8's range)")
+    bias = None
+    if packing.bias:
+        # -128 * the sum of each query vector's components cancels the +128 that makes the VNNI
+        # kernels' candidate bytes unsigned.
         bias = torch.zeros(lq_pad, dtype=torch.int32)
         bias[:lq] = -128 * padded.sum(dim=1, dtype=torch.int32)
-        kind = "int8_amx" if amx else "int8"
-        return _Query(kind, _pack(padded, lq_pad, group=4), lq, 64 if amx else 4, None if amx else bias)
-    return _Query("float32", _pack(query.float(), lq_pad, group=1), lq, 1)
+    return _Query(kernel, _pack(padded, lq_pad, packing.group), lq, bias)
 
 
 def _pack(query: torch.Tensor, lq_pad: int, group: int) -> torch.Tensor:
@@ -181,33 +310,29 @@ def _padded_channels(maps: torch.Tensor, multiple: int) -> torch.Tensor:
 def _run(chunk: torch.Tensor, query: _Query) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> best_c_of_q (k, L_q), best_q_of_c (k, L_c), and each query position's best similarity (for
     float32; int32 dot products or order keys for the others)."""
-    if query.kind == "float32":
+    is_float = query.kernel.precision is Precision.FLOAT32
+    if is_float:
         chunk = chunk.float()
-    chunk = _padded_channels(chunk.contiguous(), query.channel_multiple)
+    chunk = _padded_channels(chunk.contiguous(), query.kernel.packing.channel_multiple)
     k, lc, channels = chunk.shape
     lq, lq_pad = query.lq, query.lq_pad
     parts = _row_ranges(lc, torch.get_num_threads())
     row_arg = torch.empty(k, lc, dtype=torch.int32)
-    value_dtype = torch.float32 if query.kind == "float32" else torch.int32
-    col_val = torch.empty(len(parts), k, lq_pad, dtype=value_dtype)
+    col_val = torch.empty(len(parts), k, lq_pad, dtype=torch.float32 if is_float else torch.int32)
     col_arg = torch.empty(len(parts), k, lq_pad, dtype=torch.int32)
-    lib = _library()
-    row_bytes = channels * chunk.element_size()
+    kernel = getattr(_library(), query.kernel.symbol)
+    bias = query.bias.data_ptr() if query.bias is not None else None
 
     def part(t: int) -> int:
         i0, i1 = parts[t]
-        outs = (i0, i1, row_arg.data_ptr(), col_val[t].data_ptr(), col_arg[t].data_ptr())
-        q, maps = query.packed.data_ptr(), chunk.data_ptr()
-        if query.kind == "float32":
-            return lib.selavpr_mnn_f32(q, lq, lq_pad, maps, k, lc, channels, *outs)
-        if query.kind == "int8":
-            return lib.selavpr_mnn_i8(q, query.bias.data_ptr(), lq, lq_pad, maps, k, lc, channels, *outs)
-        kind = AMX_INT8 if query.kind == "int8_amx" else AMX_BF16
-        return lib.selavpr_mnn_amx(kind, q, lq, lq_pad, maps, k, lc, row_bytes, *outs)
+        outs = (row_arg.data_ptr(), col_val[t].data_ptr(), col_arg[t].data_ptr())
+        return kernel(
+            query.packed.data_ptr(), bias, lq, lq_pad, chunk.data_ptr(), k, lc, channels, i0, i1, *outs
+        )
 
     codes = list(_pool().map(part, range(len(parts)))) if len(parts) > 1 else [part(0)]
     if -2 in codes:
-        raise RuntimeError(f"the {query.kind} kernel needs AMX, which this CPU or kernel does not allow")
+        raise RuntimeError(f"{query.kernel.name}: this CPU or its kernel does not allow the instructions")
     if any(codes):
         raise MemoryError("the native MNN kernel could not allocate its row buffers")
     best_c, best_value = _first_best(col_val[..., :lq], col_arg[..., :lq])
@@ -238,12 +363,18 @@ def _pool() -> ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
-@functools.cache
 def _float32_matches_torch(channels: int) -> bool:
-    """The kernel's float32 argmaxes depend on its products' bits; use it only where they are torch's
-    for this channel count: the best similarity of every query position bit for bit, and both
-    argmaxes, on maps with many exact ties (coarsely rounded values) and on random maps. On a Xeon with
-    AMX torch.matmul summed in the kernel's order up to 384 channels, and not from 768 on."""
+    """The float32 kernel's argmaxes depend on its products' bits: use it only where they are torch's
+    for this channel count (checked once per kernel and channel count)."""
+    kernel = kernel_for(Precision.FLOAT32)
+    return kernel is not None and _float32_bits_match(kernel, channels)
+
+
+@functools.cache
+def _float32_bits_match(kernel: Kernel, channels: int) -> bool:
+    """The best similarity of every query position bit for bit, and both argmaxes, on maps with many
+    exact ties (coarsely rounded values) and on random maps. On a Xeon with AMX torch.matmul summed in
+    the kernels' order up to 384 channels, and not from 768 on."""
     gen = torch.Generator().manual_seed(0)
     for coarse in (True, False):
         query = torch.randn(97, channels, generator=gen)
@@ -251,7 +382,7 @@ def _float32_matches_torch(channels: int) -> bool:
         if coarse:
             query, cands = torch.round(query * 2) / 2, torch.round(cands * 2) / 2
         sim = torch.matmul(cands, query.T)
-        best_c, best_q, best_value = _run(cands, _prepare_query(query, Precision.FLOAT32))
+        best_c, best_q, best_value = _run(cands, _prepare_query(query, Precision.FLOAT32, kernel))
         if not (
             torch.equal(best_value, sim.amax(dim=1))
             and torch.equal(best_c, sim.argmax(dim=1))
