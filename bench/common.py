@@ -24,7 +24,9 @@ def machine(device: torch.device) -> dict:
         cpu = names[0] if names else cpu
     info = {
         "cpu": cpu,
+        "cpu_flags": _vector_flags(cpuinfo),
         "cpu_count": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],  # other work sharing the cores
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": str(device),
@@ -32,6 +34,37 @@ def machine(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+# The CPU flags the re-ranking kernels and torch's GEMMs depend on (x86-64 "flags", ARM "Features").
+VECTOR_FLAGS = (
+    "avx2",
+    "fma",
+    "avx_vnni",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    "asimd",
+    "asimddp",
+    "i8mm",
+    "bf16",
+    "sve",
+    "sve2",
+)
+
+
+def _vector_flags(cpuinfo: Path) -> list[str]:
+    if not cpuinfo.exists():
+        return []
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            present = set(line.split(":", 1)[1].split())
+            return [flag for flag in VECTOR_FLAGS if flag in present]
+    return []
 
 
 def emit(report: dict, out: Path | None) -> None:

@@ -434,10 +434,12 @@ NATIVE_PRECISIONS = (Precision.FLOAT32, Precision.INT8, Precision.BFLOAT16)
 
 
 def native_kernels(device: torch.device) -> dict:
-    """Which C kernels (model/matching/native.py) the engine runs here, and int8's speed-up over float32."""
+    """Which C kernels (model/matching/native.py) the engine runs here, out of its dispatch table, and
+    int8's speed-up over float32."""
     kernels = {str(p): native.native_enabled(device, p) for p in NATIVE_PRECISIONS}
-    if kernels["int8"]:
-        kernels["int8_on"] = "amx" if native.amx_enabled() else "avx512_vnni"
+    kernels["runs"] = {str(p): k.name if (k := native.kernel_for(p)) else None for p in NATIVE_PRECISIONS}
+    kernels["isa_cap"] = native._isa_cap()  # SELAVPR_NATIVE_ISA
+    kernels["dispatch"] = native.dispatch_table()
     if device.type != "cpu":
         return kernels
     kernels["int8_speedup"] = {  # what defaults.NATIVE_INT8_MIN_PRODUCTS was set from

@@ -15,6 +15,7 @@ from model.matching import (
     mnn_pairs,
     mnn_scores,
     mnn_scores_detailed,
+    native,
     rerank_order,
 )
 from model.matching.native import NATIVE_ENV
@@ -242,6 +243,8 @@ def test_default_precision_and_compute_device(monkeypatch):
 def test_default_precision_with_the_c_kernels_follows_the_map_size(monkeypatch):
     """int8's fixed costs make it no faster on small maps; the rule is the same in every process."""
     monkeypatch.setattr(defaults.native, "native_enabled", lambda device, precision, channels=128: True)
+    by_name = {kernel.name: kernel for kernel in defaults.native.KERNELS}
+    monkeypatch.setattr(defaults.native, "kernel_for", lambda precision: by_name["int8 on AMX"])
     cpu = torch.device("cpu")
     assert default_precision(cpu, (61, 61, 128)) == "int8+float32"  # the local head's maps
     assert default_precision(cpu, (32, 32, 768)) == "int8+float32"
@@ -250,6 +253,24 @@ def test_default_precision_with_the_c_kernels_follows_the_map_size(monkeypatch):
     assert default_precision(cpu, (16, 16, 1024)) == "float32"
     query, cands = unit_maps(16, 16, 32, seed=21), unit_maps(4, 16, 16, 32, seed=22)
     assert mnn_scores_detailed(query, cands).precision == "float32"
+    for name in ("int8 on AVX-512 VNNI", "int8 on AVX-VNNI"):
+        monkeypatch.setattr(defaults.native, "kernel_for", lambda precision, n=name: by_name[n])
+        assert default_precision(cpu, (61, 61, 128)) == "int8+float32"
+    for name in (
+        "int8 on AVX2",
+        "int8 on dot product",
+        "int8 on i8mm",
+    ):  # no faster than float32 / unmeasured
+        monkeypatch.setattr(defaults.native, "kernel_for", lambda precision, n=name: by_name[n])
+        assert default_precision(cpu, (61, 61, 128)) == "float32"
+
+
+def test_the_default_follows_the_kernels_the_instruction_set_allows(monkeypatch):
+    """Capped at AVX2 (an AMD EPYC's instruction set) the default is exact float32, on its kernel."""
+    monkeypatch.setenv(native.ISA_ENV, "avx2")
+    if native.kernel_for(Precision.INT8) is None or not native.native_available(Precision.FLOAT32, 128):
+        pytest.skip("no AVX2 kernels on this CPU")
+    assert default_precision(torch.device("cpu"), (61, 61, 128)) == "float32"
 
 
 def test_refine_candidates_keeps_every_possible_winner():

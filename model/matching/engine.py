@@ -8,8 +8,8 @@ sides, as torch.argmax decides, also across tiles.
 
 The GEMMs are in kernels.py (operands packed once per query), the reductions in reducers.py (position
 indices packed into int32 keys, so that value reductions find maxima and first indices together).
-Where a fused kernel exists the tiles never reach memory: native.py on CPUs with AVX-512 or AMX
-(float32, int8, bfloat16), fused.py on CUDA (16-bit, int8).
+Where a fused kernel exists the tiles never reach memory: native.py on CPUs with AVX2, AVX-512, AMX
+or ARM NEON (float32, int8; bfloat16 on AMX), fused.py on CUDA (16-bit, int8).
 """
 
 from __future__ import annotations
