@@ -71,10 +71,6 @@ class Packing:
     no_minus_128: bool = False  # the AVX2 int8 kernel's query is in [-127, 127] (see _mnn_cpu.c)
 
 
-FLOAT32_PACKING = Packing(group=1, channel_multiple=1)
-VNNI_PACKING = Packing(group=4, channel_multiple=4, bias=True)
-
-
 @dataclass(frozen=True)
 class Kernel:
     """One C kernel: `symbol` in the library, run for `precision` where the CPU has `feature` (a caps
@@ -88,46 +84,24 @@ class Kernel:
     packing: Packing
 
 
+FP32, VNNI = Packing(group=1, channel_multiple=1), Packing(group=4, channel_multiple=4, bias=True)
+F32, I8, BF16 = Precision.FLOAT32, Precision.INT8, Precision.BFLOAT16
+
 # In order of preference per precision: the first one present runs.
+# fmt: off
 KERNELS = (
-    Kernel(
-        "float32 on AVX-512",
-        Precision.FLOAT32,
-        "selavpr_mnn_f32_avx512",
-        CAP_AVX512,
-        "avx512",
-        FLOAT32_PACKING,
-    ),
-    Kernel("float32 on AVX2", Precision.FLOAT32, "selavpr_mnn_f32_avx2", CAP_AVX2, "avx2", FLOAT32_PACKING),
-    Kernel("float32 on NEON", Precision.FLOAT32, "selavpr_mnn_f32_neon", CAP_NEON, "neon", FLOAT32_PACKING),
-    Kernel("int8 on AMX", Precision.INT8, "selavpr_mnn_i8_amx", CAP_AMX_INT8, "amx", Packing(4, 64)),
-    Kernel(
-        "int8 on AVX-512 VNNI",
-        Precision.INT8,
-        "selavpr_mnn_i8_avx512vnni",
-        CAP_AVX512_VNNI,
-        "avx512",
-        VNNI_PACKING,
-    ),
-    Kernel(
-        "int8 on AVX-VNNI", Precision.INT8, "selavpr_mnn_i8_avxvnni", CAP_AVX_VNNI, "avx_vnni", VNNI_PACKING
-    ),
-    Kernel(
-        "int8 on AVX2",
-        Precision.INT8,
-        "selavpr_mnn_i8_avx2",
-        CAP_AVX2,
-        "avx2",
-        Packing(4, 4, no_minus_128=True),
-    ),
-    Kernel("int8 on i8mm", Precision.INT8, "selavpr_mnn_i8_smmla", CAP_I8MM, "i8mm", Packing(8, 8)),
-    Kernel(
-        "int8 on dot product", Precision.INT8, "selavpr_mnn_i8_sdot", CAP_DOTPROD, "dotprod", Packing(4, 4)
-    ),
-    Kernel(
-        "bfloat16 on AMX", Precision.BFLOAT16, "selavpr_mnn_bf16_amx", CAP_AMX_BF16, "amx", Packing(2, 32)
-    ),
+    Kernel("float32 on AVX-512", F32, "selavpr_mnn_f32_avx512", CAP_AVX512, "avx512", FP32),
+    Kernel("float32 on AVX2", F32, "selavpr_mnn_f32_avx2", CAP_AVX2, "avx2", FP32),
+    Kernel("float32 on NEON", F32, "selavpr_mnn_f32_neon", CAP_NEON, "neon", FP32),
+    Kernel("int8 on AMX", I8, "selavpr_mnn_i8_amx", CAP_AMX_INT8, "amx", Packing(4, 64)),
+    Kernel("int8 on AVX-512 VNNI", I8, "selavpr_mnn_i8_avx512vnni", CAP_AVX512_VNNI, "avx512", VNNI),
+    Kernel("int8 on AVX-VNNI", I8, "selavpr_mnn_i8_avxvnni", CAP_AVX_VNNI, "avx_vnni", VNNI),
+    Kernel("int8 on AVX2", I8, "selavpr_mnn_i8_avx2", CAP_AVX2, "avx2", Packing(4, 4, no_minus_128=True)),
+    Kernel("int8 on i8mm", I8, "selavpr_mnn_i8_smmla", CAP_I8MM, "i8mm", Packing(8, 8)),
+    Kernel("int8 on dot product", I8, "selavpr_mnn_i8_sdot", CAP_DOTPROD, "dotprod", Packing(4, 4)),
+    Kernel("bfloat16 on AMX", BF16, "selavpr_mnn_bf16_amx", CAP_AMX_BF16, "amx", Packing(2, 32)),
 )
+# fmt: on
 
 
 @functools.cache
