@@ -41,13 +41,16 @@ def kernel_param(kernel: native.Kernel):
 EXACT_KERNELS = [kernel_param(k) for k in native.KERNELS if k.precision is not Precision.BFLOAT16]
 FLOAT32_KERNELS = [kernel_param(k) for k in native.KERNELS if k.precision is Precision.FLOAT32]
 FLOAT32 = pytest.mark.skipif(
-    native.kernel_for(Precision.FLOAT32) is None, reason="no float32 kernel on this CPU"
+    native.kernel_for(Precision.FLOAT32) is None,
+    reason="no float32 kernel here (CPU, or SELAVPR_NATIVE_MNN=0)",
 )
 BF16_AMX = pytest.mark.skipif(not FEATURES & native.CAP_AMX_BF16, reason="no AMX bfloat16 on this CPU")
 
 
 def use(monkeypatch, kernel: native.Kernel) -> None:
-    """Cap the instruction set at `kernel`'s: it is then the one that runs for its precision."""
+    """Cap the instruction set at `kernel`'s: it is then the one that runs for its precision (with the
+    kernels on, even where the suite runs with SELAVPR_NATIVE_MNN=0)."""
+    monkeypatch.setenv(NATIVE_ENV, "1")
     monkeypatch.setenv(native.ISA_ENV, kernel.isa)
     monkeypatch.delenv(native.AMX_ENV, raising=False)
     assert native.kernel_for(kernel.precision) == kernel
@@ -69,7 +72,8 @@ def both_paths(monkeypatch, query, cands, precision):
 
 
 @pytest.mark.skipif(not X86_WITH_COMPILER, reason="the kernel is built for x86-64 where a C compiler is")
-def test_the_install_built_the_kernel():
+def test_the_install_built_the_kernel(monkeypatch):
+    monkeypatch.setenv(NATIVE_ENV, "1")
     assert native._library() is not None, "pip install -e . should have built model/matching/_mnn_cpu*.so"
     assert native._library().selavpr_mnn_abi() == native.ABI
     assert native.describe().startswith("C kernels: float32") or not FEATURES
@@ -118,6 +122,7 @@ def test_bfloat16_is_float32_matching_of_the_rounded_maps(monkeypatch, q_hw, c_h
     """AMX multiplies bfloat16 pairs exactly and sums in float32 in channel order: the argmaxes are
     float32's on the maps rounded to bfloat16 (measured here to the bit; the torch tiles instead round
     each similarity to bfloat16, so theirs differ)."""
+    monkeypatch.setenv(NATIVE_ENV, "1")
     monkeypatch.setenv(native.AMX_ENV, "1")
     query = unit_maps(*q_hw, channels, seed=10).reshape(-1, channels).bfloat16().float()
     cands = unit_maps(3, *c_hw, channels, seed=11).bfloat16().float()
@@ -130,6 +135,7 @@ def test_bfloat16_is_float32_matching_of_the_rounded_maps(monkeypatch, q_hw, c_h
 
 @BF16_AMX
 def test_bfloat16_ties_go_to_the_lowest_index(monkeypatch):
+    monkeypatch.setenv(NATIVE_ENV, "1")
     gen = torch.Generator().manual_seed(12)
     query = torch.randint(-1, 2, (700, 40), generator=gen).float()  # small integers: exact in bfloat16
     cands = torch.randint(-1, 2, (2, 600, 40), generator=gen).float()
@@ -276,6 +282,7 @@ def test_int8_extremes_are_exact(monkeypatch, kernel):
 @pytest.mark.skipif(not FEATURES & native.CAP_AVX2, reason="this CPU has no AVX2")
 def test_the_avx2_int8_kernel_refuses_a_query_at_minus_128(monkeypatch):
     """q = -128 could saturate vpmaddubsw's pairs (|q * sign(a)| would be 128): refused, not wrong."""
+    monkeypatch.setenv(NATIVE_ENV, "1")
     monkeypatch.setenv(native.ISA_ENV, "avx2")
     query = torch.full((3, 8), -128, dtype=torch.int8)
     with pytest.raises(ValueError, match=r"\[-127, 127\]"):
@@ -285,6 +292,7 @@ def test_the_avx2_int8_kernel_refuses_a_query_at_minus_128(monkeypatch):
 @pytest.mark.skipif(MACHINE != "x86_64", reason="the x86-64 instruction-set levels")
 def test_the_instruction_set_cap_chooses_from_one_table(monkeypatch):
     """SELAVPR_NATIVE_ISA caps the kernels; one kernel per precision runs, the first the CPU has."""
+    monkeypatch.setenv(NATIVE_ENV, "1")
     monkeypatch.setenv(native.ISA_ENV, "avx9")
     with pytest.raises(ValueError, match="avx2"):
         native.kernel_for(Precision.INT8)
