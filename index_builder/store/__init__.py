@@ -21,7 +21,7 @@ from index_builder.store.maintenance import (
     remove_unfinished,
 )
 from index_builder.store.metadata import ImageRecord
-from index_builder.store.shards import SHARDS, ShardFiles, ShardImage, read_shard_meta, write_shard
+from index_builder.store.segments import SHARDS, ShardFiles, ShardImage, read_shard_meta, write_shard
 from index_builder.store.versions import (
     VERSIONS,
     IndexVersion,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from index_builder.errors import BuildInProgress, IndexNotFound
 from index_builder.manifest import IndexManifest
-from index_builder.store.shards import SHARDS, TMP_PREFIX
+from index_builder.store.segments import SHARDS, TMP_PREFIX
 from index_builder.store.versions import CURRENT, VERSIONS, current_version_name, version_names
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from index_builder.store.codec import decode_local, decode_local_on
 from index_builder.store.files import fsync_dir, fsync_file, fsync_tree, now_iso, sha256_file
 from index_builder.store.metadata import METADATA_FILE, ImageRecord, open_metadata, record_of, write_metadata
 from index_builder.store.resident import ResidentCandidates, ResidentMaps
-from index_builder.store.shards import SHARDS, TMP_PREFIX, ShardFiles
+from index_builder.store.segments import SHARDS, TMP_PREFIX, ShardFiles
 
 CURRENT = "CURRENT"
 VERSIONS = "versions"
