@@ -3,12 +3,12 @@
 Stages, top to bottom in `build_index`:
 1. scan the folder, read locations.csv files, hash contents (a file whose size and mtime match the
    previous version keeps its recorded hash);
-2. plan: content already encoded with the same model (in the previous version, or in shards a killed
+2. plan: content already encoded with the same model (in the previous version, or in segments a killed
    build left behind) is reused; the rest is encoded;
 3. encode: the images to encode are planned into batches and handed to an encoder (`encoding.py`:
-   this process, or a Ray Data actor pool); features go to new shards as they fill;
+   this process, or a Ray Data actor pool); features go to new segments as they fill;
 4. publish: metadata, FAISS index and manifest written aside, then the CURRENT pointer swapped; old
-   versions and unused shards are removed after the grace period.
+   versions and unused segments are removed after the grace period.
 """
 
 from __future__ import annotations
@@ -26,26 +26,28 @@ import numpy as np
 from index_builder.encoding import Encoder, LocalEncoder, plan_batches
 from index_builder.global_index import GlobalIndexConfig, build_global_index
 from index_builder.locations import CsvEntry, Location, location_from_filename, read_location_csvs
-from index_builder.manifest import BuildReport, CheckpointRecord, EncodingIdentity, IndexManifest, ShardEntry
+from index_builder.manifest import BuildReport, CheckpointRecord, EncodingIdentity, IndexManifest, SegmentEntry
 from index_builder.sharding import MAX_SHARDS, Partition, Reference, partition
 from index_builder.sources import ReferenceImage, content_hash, scan_references
 from index_builder.store import (
     DEFAULT_GRACE_SECONDS,
     DEFAULT_LOCAL_DTYPE,
-    SHARDS,
+    SEGMENT_FOLDERS,
+    SEGMENTS,
     BuildLock,
     ImageRecord,
     IndexNotFound,
     IndexStoreError,
     IndexVersion,
-    ShardFiles,
-    ShardImage,
+    SegmentFiles,
+    SegmentImage,
     collect_garbage,
     now_iso,
     publish_version,
-    read_shard_meta,
+    read_segment_meta,
     remove_unfinished,
-    write_shard,
+    segment_dir,
+    write_segment,
 )
 from index_builder.store.location_shards import write_location_shards
 from model.config import FeatureBlock
@@ -68,7 +70,7 @@ class BuildConfig:
     model_dtype: str = "float32"
     full: bool = False  # re-encode everything
     batch_size: int | None = None  # None: 16 on CPU, 64 on GPU
-    shard_size: int = 256  # images per shard file set (~120 MB at 61x61x128)
+    segment_size: int = 256  # images per segment (~120 MB at 61x61x128)
     decode_workers: int = 2
     local_dtype: str = DEFAULT_LOCAL_DTYPE
     global_index: GlobalIndexConfig = field(default_factory=GlobalIndexConfig)
@@ -100,9 +102,9 @@ class BuildProgress:
 class _Available:
     """Where already-encoded content lives."""
 
-    shard: str
+    segment: str
     row: int
-    image: ShardImage
+    image: SegmentImage
 
 
 ProgressCallback = Callable[[BuildProgress], None]
@@ -157,7 +159,7 @@ def build_index(
         notify(progress)
         records = _records(images, hashes, available, csv_entries, previous_records)
         global_desc = _global_descriptors(index_dir, records, identity.global_dim)
-        shards = sorted({r.shard for r in records})
+        segments = sorted({r.segment for r in records})
         report = BuildReport(
             version="",
             total=len(records),
@@ -183,7 +185,7 @@ def build_index(
             references=str(config.references.resolve()),
             count=len(records),
             global_index=config.global_index,
-            shards=[_shard_entry(index_dir, s) for s in shards],
+            segments=[_segment_entry(index_dir, s) for s in segments],
             report=report,
             location_shards=partition.shards if partition else [],
         )
@@ -205,10 +207,10 @@ def build_index(
             previous.close()
         removed = collect_garbage(index_dir, config.grace_seconds)
         log.info(
-            "published %s; removed versions %s and %d shards",
+            "published %s; removed versions %s and %d segments",
             report.version,
             removed.versions,
-            len(removed.shards),
+            len(removed.segments),
         )
         for problem in removed.problems:
             log.warning("after publishing %s: %s", report.version, problem)
@@ -288,25 +290,25 @@ def _reusable_content(
     previous: IndexVersion | None,
     previous_records: dict[str, ImageRecord],
 ) -> dict[str, _Available]:
-    """content hash -> encoded features: the previous version's (same identity) and every complete shard
-    of the same identity that no version references (left by a build that was killed)."""
+    """content hash -> encoded features: the previous version's (same identity) and every complete
+    segment of the same identity that no version references (left by a build that was killed)."""
     available: dict[str, _Available] = {}
     for record in previous_records.values():
         exif = record.exif_location
-        image = ShardImage(
+        image = SegmentImage(
             record.content_hash, record.width, record.height, json.loads(exif) if exif else None
         )
-        available[record.content_hash] = _Available(record.shard, record.row, image)
-    referenced = set(previous.shard_names) if previous else set()
-    shards_dir = index_dir / SHARDS
-    for shard_dir in sorted(shards_dir.iterdir()) if shards_dir.is_dir() else []:
-        if shard_dir.name in referenced or shard_dir.name.startswith("."):
+        available[record.content_hash] = _Available(record.segment, record.row, image)
+    referenced = set(previous.segment_names) if previous else set()
+    folders = [index_dir / folder for folder in SEGMENT_FOLDERS]
+    for found in sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir()):
+        if found.name in referenced or found.name.startswith("."):
             continue
-        meta = read_shard_meta(shard_dir)
+        meta = read_segment_meta(found)
         if not meta or meta.encoding != identity:
             continue
         for row, image in enumerate(meta.images):
-            available.setdefault(image.content_hash, _Available(shard_dir.name, row, image))
+            available.setdefault(image.content_hash, _Available(found.name, row, image))
     return available
 
 
@@ -332,14 +334,14 @@ def _encode_missing(
     if not todo:
         return []
     batches = plan_batches(todo, config.batch_size or encoder.default_batch_size())
-    writer = _ShardBuffer(config.index_dir / SHARDS, identity, config.shard_size, available)
+    writer = _SegmentBuffer(config.index_dir / SEGMENTS, identity, config.segment_size, available)
     skipped: list[tuple[str, str]] = []
     started = time.monotonic()
     for encoded in encoder.encode(batches):
         skipped += encoded.skipped
         pairs = zip(encoded.images, encoded.metas, strict=True)
-        shard_images = [ShardImage(hashes[image.rel_path], *meta) for image, meta in pairs]
-        writer.add(shard_images, encoded.global_desc, encoded.local)
+        segment_images = [SegmentImage(hashes[image.rel_path], *meta) for image, meta in pairs]
+        writer.add(segment_images, encoded.global_desc, encoded.local)
         _advance(progress, notify, started, encoded.size)
     writer.flush()
     return skipped
@@ -354,19 +356,19 @@ def _advance(progress: BuildProgress, notify: ProgressCallback, started: float, 
     notify(progress)
 
 
-class _ShardBuffer:
-    """Collects encoded images and writes a shard whenever `capacity` are ready."""
+class _SegmentBuffer:
+    """Collects encoded images and writes a segment whenever `capacity` are ready."""
 
     def __init__(
-        self, shards_dir: Path, identity: EncodingIdentity, capacity: int, available: dict[str, _Available]
+        self, segments_dir: Path, identity: EncodingIdentity, capacity: int, available: dict[str, _Available]
     ) -> None:
-        self.shards_dir, self.identity, self.capacity = shards_dir, identity, capacity
+        self.segments_dir, self.identity, self.capacity = segments_dir, identity, capacity
         self.available = available
-        self.images: list[ShardImage] = []
+        self.images: list[SegmentImage] = []
         self.globals: list[np.ndarray] = []
         self.locals: list[dict[str, np.ndarray]] = []
 
-    def add(self, images: list[ShardImage], global_desc: np.ndarray, local: dict[str, np.ndarray]) -> None:
+    def add(self, images: list[SegmentImage], global_desc: np.ndarray, local: dict[str, np.ndarray]) -> None:
         """`global_desc` (n, D) float32 and `local` (the `encode_local` arrays) of `images`."""
         if not images:
             return
@@ -381,8 +383,8 @@ class _ShardBuffer:
             return
         arrays = {"global": np.concatenate(self.globals)}
         arrays |= {key: np.concatenate([part[key] for part in self.locals]) for key in self.locals[0]}
-        self.shards_dir.mkdir(parents=True, exist_ok=True)
-        name = write_shard(self.shards_dir, self.identity, self.images, arrays)
+        self.segments_dir.mkdir(parents=True, exist_ok=True)
+        name = write_segment(self.segments_dir, self.identity, self.images, arrays)
         for row, image in enumerate(self.images):
             self.available[image.content_hash] = _Available(name, row, image)
         self.images, self.globals, self.locals = [], [], []
@@ -434,7 +436,7 @@ def _records(
                 location_source=location.source if location else None,
                 exif_location=json.dumps(found.image.exif_location) if found.image.exif_location else None,
                 added_at=before.added_at if unchanged else stamp,
-                shard=found.shard,
+                segment=found.segment,
                 row=found.row,
                 name=entry.name if entry else None,
             )
@@ -444,11 +446,11 @@ def _records(
 
 def _global_descriptors(index_dir: Path, records: Sequence[ImageRecord], dim: int) -> np.ndarray:
     out = np.empty((len(records), dim), dtype=np.float32)
-    by_shard: dict[str, list[ImageRecord]] = {}
+    by_segment: dict[str, list[ImageRecord]] = {}
     for record in records:
-        by_shard.setdefault(record.shard, []).append(record)
-    for shard, members in by_shard.items():
-        rows = ShardFiles(index_dir / SHARDS / shard)
+        by_segment.setdefault(record.segment, []).append(record)
+    for segment, members in by_segment.items():
+        rows = SegmentFiles(segment_dir(index_dir, segment))
         try:
             descriptors = rows.read_global()
         finally:
@@ -457,8 +459,8 @@ def _global_descriptors(index_dir: Path, records: Sequence[ImageRecord], dim: in
     return out
 
 
-def _shard_entry(index_dir: Path, name: str) -> ShardEntry:
-    meta = read_shard_meta(index_dir / SHARDS / name)
+def _segment_entry(index_dir: Path, name: str) -> SegmentEntry:
+    meta = read_segment_meta(segment_dir(index_dir, name))
     if meta is None:
-        raise IndexStoreError(f"shard {name} is unreadable; run the build again with --full")
+        raise IndexStoreError(f"segment {name} is unreadable; run the build again with --full")
     return meta.entry(name)
