@@ -7,7 +7,7 @@ from pathlib import Path
 
 from app.commands.common import positive_int, print_json
 from index_builder.evaluate import EvalConfig, evaluate
-from model.checkpoints import CheckpointFormat, CheckpointInfo, LoadedModel, fingerprint
+from model.weights.checkpoints import CheckpointFormat, CheckpointInfo, LoadedModel, fingerprint
 from model.config import LocalMode
 from model.extractor import FeatureExtractor
 from model.selavpr import SelaVPR

@@ -457,7 +457,7 @@ def _load_project_dir(path: Path) -> tuple[dict[str, torch.Tensor], SelaVPRConfi
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a checkpoint file or directory in any supported format onto a device, in eval mode.
-    Names such as 'default' are resolved by model.loading.load_model."""
+    Names such as 'default' are resolved by model.weights.loading.load_model."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory; {EXPECTED}")

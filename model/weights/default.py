@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.cache import cache_dir
-from model.checkpoints import CONFIG_FILE, WEIGHTS_FILE, build_model, save_checkpoint
+from model.weights.cache import cache_dir
+from model.weights.checkpoints import CONFIG_FILE, WEIGHTS_FILE, build_model, save_checkpoint
 from model.config import SelaVPRConfig, vit_config
 from model.errors import CheckpointError
 
