@@ -55,7 +55,7 @@ def untrained_head_model(device: str | torch.device = "cpu"):
 
 def untrained_head_checkpoint(directory: Path) -> Path:
     """`untrained_head_model` saved in the project format (once per directory), for every command."""
-    from model.weights.checkpoints import CONFIG_FILE, save_checkpoint
+    from model.weights.project_format import CONFIG_FILE, save_checkpoint
 
     if (directory / CONFIG_FILE).is_file():
         return directory

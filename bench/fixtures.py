@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bench.common import DEFAULT_SHARED
-from model.weights.checkpoints import save_checkpoint
+from model.weights.project_format import save_checkpoint
 from model.config import SelaVPRConfig, vit_config
 from model.selavpr import SelaVPR
 

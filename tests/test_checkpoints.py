@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.weights.checkpoints import CheckpointFormat, safe_torch_load, save_checkpoint
+from model.weights.formats import CheckpointFormat
+from model.weights.project_format import save_checkpoint
+from model.weights.unpickle import safe_torch_load
 from model.config import LocalMode
 from model.errors import CheckpointError
 from model.weights.loading import load_model

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from app.cli import main
-from model.weights.checkpoints import CheckpointFormat
+from model.weights.formats import CheckpointFormat
 from model.errors import CheckpointError, DownloadError
 from model.weights.gdrive import confirmation_url
 from model.weights.loading import load_model

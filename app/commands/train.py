@@ -7,7 +7,9 @@ from pathlib import Path
 
 from app.commands.common import positive_int, print_json
 from index_builder.evaluate import EvalConfig, evaluate
-from model.weights.checkpoints import CheckpointFormat, CheckpointInfo, LoadedModel, fingerprint
+from model.weights.checkpoints import CheckpointInfo, LoadedModel
+from model.weights.formats import CheckpointFormat
+from model.weights.project_format import fingerprint
 from model.config import LocalMode
 from model.extractor import FeatureExtractor
 from model.selavpr import SelaVPR

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from app.commands.common import print_json
-from model.weights.checkpoints import CONFIG_FILE, save_checkpoint
+from model.weights.project_format import CONFIG_FILE, save_checkpoint
 from model.weights.default import ensure_default_weights
 from model.weights.loading import load_model
 from model.weights.named import (

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.weights.checkpoints import LoadedModel, safe_torch_load, save_checkpoint
+from model.weights.checkpoints import LoadedModel
+from model.weights.project_format import save_checkpoint
+from model.weights.unpickle import safe_torch_load
 from model.config import LocalMode
 from model.datasets import VPRSplit
 from model.extractor import resolve_device

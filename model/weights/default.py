@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from model.weights.cache import cache_dir
-from model.weights.checkpoints import CONFIG_FILE, WEIGHTS_FILE, build_model, save_checkpoint
+from model.weights.checkpoints import build_model
+from model.weights.project_format import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
 from model.config import SelaVPRConfig, vit_config
 from model.errors import CheckpointError
 

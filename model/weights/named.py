@@ -50,7 +50,7 @@ class DownloadRecord:
     size_bytes: int
     sha256: str
     sha256_source: str  # SHA256_FROM_REGISTRY or SHA256_FROM_FIRST_DOWNLOAD
-    fingerprint: str  # over the tensors (model.weights.checkpoints.fingerprint)
+    fingerprint: str  # over the tensors (model.weights.project_format.fingerprint)
     fetched_at: str
 
     @classmethod

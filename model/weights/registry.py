@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.weights.checkpoints import CheckpointFormat
+from model.weights.formats import CheckpointFormat
 from model.errors import CheckpointError
 
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
