@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from app.cli import main
-from model.weights.formats import CheckpointFormat
 from model.errors import CheckpointError, DownloadError
+from model.weights.formats import CheckpointFormat
 from model.weights.gdrive import confirmation_url
 from model.weights.loading import load_model
 from model.weights.named import (

@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from app.commands.common import print_json
-from model.weights.project_format import CONFIG_FILE, save_checkpoint
 from model.weights.default import ensure_default_weights
 from model.weights.loading import load_model
 from model.weights.named import (
@@ -21,6 +20,7 @@ from model.weights.named import (
     mirror_url,
     part_path,
 )
+from model.weights.project_format import CONFIG_FILE, save_checkpoint
 from model.weights.registry import REGISTRY, RegistryEntry, get_entry
 
 

@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from model.errors import CheckpointError, DownloadError
 from model.weights.cache import cache_dir
 from model.weights.checkpoints import load_checkpoint
 from model.weights.download import download
-from model.errors import CheckpointError, DownloadError
 from model.weights.registry import RegistryEntry
 
 log = logging.getLogger(__name__)

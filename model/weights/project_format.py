@@ -49,7 +49,6 @@ def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-
 def save_checkpoint(
     model: SelaVPR,
     out_dir: str | os.PathLike,
