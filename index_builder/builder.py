@@ -1,14 +1,15 @@
 """Reference folder -> a new published index version, encoding only what changed.
 
-Stages, top to bottom in `build_index`:
-1. scan the folder, read locations.csv files, hash contents (a file whose size and mtime match the
+Four stage functions, run in order by `build_index` under the index's build lock:
+1. `scan` the folder, read locations.csv files, hash contents (a file whose size and mtime match the
    previous version keeps its recorded hash);
-2. plan: content already encoded with the same model (in the previous version, or in segments a killed
+2. `plan`: content already encoded with the same model (in the previous version, or in segments a killed
    build left behind) is reused; the rest is encoded;
-3. encode: the images to encode are planned into batches and handed to an encoder (`encoding.py`:
+3. `encode`: the images to encode are planned into batches and handed to an encoder (`encoding.py`:
    this process, or a Ray Data actor pool); features go to new segments as they fill;
-4. publish: metadata, FAISS index and manifest written aside, then the CURRENT pointer swapped; old
-   versions and unused segments are removed after the grace period.
+4. `publish`: metadata, FAISS index and manifest written aside, then the CURRENT pointer swapped; old
+   versions and unused segments are removed after the grace period (by `build_index`).
+The Ray build runs the same stages with a Ray Data `Encoder` (index_builder/ray_build.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ import numpy as np
 from index_builder.encoding import Encoder, LocalEncoder, plan_batches
 from index_builder.global_index import GlobalIndexConfig, build_global_index
 from index_builder.locations import CsvEntry, Location, location_from_filename, read_location_csvs
-from index_builder.manifest import BuildReport, CheckpointRecord, EncodingIdentity, IndexManifest, SegmentEntry
+from index_builder.manifest import (
+    BuildReport,
+    CheckpointRecord,
+    EncodingIdentity,
+    IndexManifest,
+    SegmentEntry,
+)
 from index_builder.sharding import MAX_SHARDS, Partition, Reference, partition
 from index_builder.sources import ReferenceImage, content_hash, scan_references
 from index_builder.store import (
@@ -110,14 +117,45 @@ class _Available:
 ProgressCallback = Callable[[BuildProgress], None]
 
 
+@dataclass
+class ScannedReferences:
+    """Stage 1's result: the reference folder as it is now."""
+
+    images: list[ReferenceImage]
+    hashes: dict[str, str]  # rel_path -> content hash
+    previous_records: dict[str, ImageRecord]  # the published version's, by path
+    csv_entries: dict[str, CsvEntry]
+    location_problems: list[str]
+    unusable: list[tuple[str, str]]  # (path, reason): files that are not images at all
+
+
+@dataclass
+class BuildPlan:
+    """Stage 2's result: what is reused from where, and what must be encoded."""
+
+    identity: EncodingIdentity
+    available: dict[str, _Available]  # content hash -> stored features; encoding adds to it
+    reused_hashes: set[str]
+    todo: list[ReferenceImage]  # one image per content hash not yet available
+
+
+@dataclass
+class EncodeOutcome:
+    """Stage 3's result."""
+
+    skipped: list[tuple[str, str]]  # (path, reason): images that could not be decoded
+    seconds: float
+
+
 def build_index(
     config: BuildConfig,
     extractor: FeatureExtractor | None = None,
     on_progress: ProgressCallback | None = None,
     encoder: Encoder | None = None,
 ) -> BuildReport:
-    """`extractor` defines the encoding identity (and encodes, unless `encoder` is given: e.g. a
-    `RayDataEncoder` running the same model on a Ray Data actor pool)."""
+    """scan -> plan -> encode -> publish, under the index's build lock. `extractor` defines the encoding
+    identity (and encodes, unless `encoder` is given: e.g. a `RayDataEncoder` running the same model on a
+    Ray Data actor pool)."""
     started = time.monotonic()
     progress = BuildProgress()
     notify = on_progress or (lambda p: None)
@@ -134,77 +172,15 @@ def build_index(
         )
         identity = encoding_identity(extractor, config.local_dtype)
         previous = _open_previous(index_dir)
-        previous_records = {r.path: r for r in previous.all_records()} if previous else {}
-        reuse_previous = previous is not None and previous.identity == identity and not config.full
-
-        progress.phase = "scanning"
-        notify(progress)
-        unusable: list[tuple[str, str]] = []
-        images = scan_references(config.references, unusable)
-        csv_entries, location_problems = read_location_csvs(config.references)
-        hashes = _hash_all(images, previous_records, progress, notify)
-
-        available = _reusable_content(
-            index_dir, identity, previous, previous_records if reuse_previous else {}
-        )
-        reused_hashes = set(available)
-        encode_started = time.monotonic()
-        encoder = encoder or LocalEncoder(extractor, config.local_dtype, config.decode_workers)
-        skipped = unusable + _encode_missing(
-            config, encoder, identity, images, hashes, available, progress, notify
-        )
-        encode_seconds = time.monotonic() - encode_started
-
-        progress.phase = "publishing"
-        notify(progress)
-        records = _records(images, hashes, available, csv_entries, previous_records)
-        global_desc = _global_descriptors(index_dir, records, identity.global_dim)
-        segments = sorted({r.segment for r in records})
-        report = BuildReport(
-            version="",
-            total=len(records),
-            encoded=sum(1 for r in records if r.content_hash not in reused_hashes),
-            reused=sum(1 for r in records if r.content_hash in reused_hashes),
-            removed=len(set(previous_records) - {img.rel_path for img in images}),
-            skipped=len(skipped),
-            seconds=0.0,
-            with_location=sum(1 for r in records if r.utm_east is not None),
-            encode_seconds=round(encode_seconds, 3),
-            skipped_files=[{"path": p, "reason": why} for p, why in skipped],
-            location_problems=location_problems,
-        )
-        partition = _location_partition(config, previous, records)
-        manifest = IndexManifest(
-            encoding=identity,
-            checkpoint=CheckpointRecord(
-                spec=extractor.info.spec or extractor.info.source,
-                source=extractor.info.source,
-                description=extractor.info.description,
-                fingerprint=extractor.info.fingerprint,
-            ),
-            references=str(config.references.resolve()),
-            count=len(records),
-            global_index=config.global_index,
-            segments=[_segment_entry(index_dir, s) for s in segments],
-            report=report,
-            location_shards=partition.shards if partition else [],
-        )
-
-        def write_location_files(version_dir: Path) -> list[str]:
-            if partition is None:
-                return []
-            return write_location_shards(version_dir, partition, global_desc, config.global_index)
-
-        published = publish_version(
-            index_dir,
-            records,
-            build_global_index(global_desc, config.global_index),
-            manifest,
-            write_location_files,
-        )
-        report.version = published.version
-        if previous:
-            previous.close()
+        try:
+            scanned = scan(config.references, previous, progress, notify)
+            planned = plan(config, identity, previous, scanned, progress, notify)
+            encoder = encoder or LocalEncoder(extractor, config.local_dtype, config.decode_workers)
+            encoded = encode(config, encoder, planned, scanned, progress, notify)
+            report = publish(config, extractor, previous, scanned, planned, encoded, progress, notify)
+        finally:
+            if previous:
+                previous.close()
         removed = collect_garbage(index_dir, config.grace_seconds)
         log.info(
             "published %s; removed versions %s and %d segments",
@@ -215,9 +191,144 @@ def build_index(
         for problem in removed.problems:
             log.warning("after publishing %s: %s", report.version, problem)
         report.seconds = round(time.monotonic() - started, 3)
-        progress.phase, progress.done, progress.total = "done", len(records), len(records)
+        progress.phase, progress.done, progress.total = "done", report.total, report.total
         notify(progress)
         return report
+
+
+def scan(
+    references: Path, previous: IndexVersion | None, progress: BuildProgress, notify: ProgressCallback
+) -> ScannedReferences:
+    """Stage 1: the images under `references`, their locations.csv entries and content hashes."""
+    progress.phase = "scanning"
+    notify(progress)
+    unusable: list[tuple[str, str]] = []
+    images = scan_references(references, unusable)
+    csv_entries, location_problems = read_location_csvs(references)
+    previous_records = {r.path: r for r in previous.all_records()} if previous else {}
+    hashes = _hash_all(images, previous_records, progress, notify)
+    return ScannedReferences(images, hashes, previous_records, csv_entries, location_problems, unusable)
+
+
+def plan(
+    config: BuildConfig,
+    identity: EncodingIdentity,
+    previous: IndexVersion | None,
+    scanned: ScannedReferences,
+    progress: BuildProgress,
+    notify: ProgressCallback,
+) -> BuildPlan:
+    """Stage 2: content already encoded with the same model (in the previous version, unless --full, or
+    in segments a killed build left behind) is reused; every other content hash is encoded once."""
+    reuse_previous = previous is not None and previous.identity == identity and not config.full
+    available = _reusable_content(
+        config.index_dir, identity, previous, scanned.previous_records if reuse_previous else {}
+    )
+    todo, seen = [], set(available)
+    for image in scanned.images:
+        content = scanned.hashes[image.rel_path]
+        if content not in seen:
+            seen.add(content)
+            todo.append(image)
+    progress.phase, progress.done, progress.total = "encoding", 0, len(todo)
+    notify(progress)
+    return BuildPlan(identity, available, set(available), todo)
+
+
+def encode(
+    config: BuildConfig,
+    encoder: Encoder,
+    planned: BuildPlan,
+    scanned: ScannedReferences,
+    progress: BuildProgress,
+    notify: ProgressCallback,
+) -> EncodeOutcome:
+    """Stage 3: encode `planned.todo` in planned batches (this process, or a Ray Data actor pool) into new
+    segments, adding each image to `planned.available`."""
+    started = time.monotonic()
+    if not planned.todo:
+        return EncodeOutcome([], 0.0)
+    batches = plan_batches(planned.todo, config.batch_size or encoder.default_batch_size())
+    writer = _SegmentBuffer(
+        config.index_dir / SEGMENTS, planned.identity, config.segment_size, planned.available
+    )
+    skipped: list[tuple[str, str]] = []
+    for encoded in encoder.encode(batches):
+        skipped += encoded.skipped
+        pairs = zip(encoded.images, encoded.metas, strict=True)
+        segment_images = [SegmentImage(scanned.hashes[image.rel_path], *meta) for image, meta in pairs]
+        writer.add(segment_images, encoded.global_desc, encoded.local)
+        _advance(progress, notify, started, encoded.size)
+    writer.flush()
+    return EncodeOutcome(skipped, time.monotonic() - started)
+
+
+def publish(
+    config: BuildConfig,
+    extractor: FeatureExtractor,
+    previous: IndexVersion | None,
+    scanned: ScannedReferences,
+    planned: BuildPlan,
+    encoded: EncodeOutcome,
+    progress: BuildProgress,
+    notify: ProgressCallback,
+) -> BuildReport:
+    """Stage 4: metadata, FAISS index (and location shards) and manifest written aside, then the CURRENT
+    pointer swapped. Returns the report of the published version."""
+    progress.phase = "publishing"
+    notify(progress)
+    index_dir = config.index_dir
+    previous_records = scanned.previous_records
+    skipped = scanned.unusable + encoded.skipped
+    records = _records(
+        scanned.images, scanned.hashes, planned.available, scanned.csv_entries, previous_records
+    )
+    global_desc = _global_descriptors(index_dir, records, planned.identity.global_dim)
+    segments = sorted({r.segment for r in records})
+    report = BuildReport(
+        version="",
+        total=len(records),
+        encoded=sum(1 for r in records if r.content_hash not in planned.reused_hashes),
+        reused=sum(1 for r in records if r.content_hash in planned.reused_hashes),
+        removed=len(set(previous_records) - {img.rel_path for img in scanned.images}),
+        skipped=len(skipped),
+        seconds=0.0,
+        with_location=sum(1 for r in records if r.utm_east is not None),
+        encode_seconds=round(encoded.seconds, 3),
+        skipped_files=[{"path": p, "reason": why} for p, why in skipped],
+        location_problems=scanned.location_problems,
+    )
+    partition = _location_partition(config, previous, records)
+    manifest = IndexManifest(
+        encoding=planned.identity,
+        checkpoint=CheckpointRecord(
+            spec=extractor.info.spec or extractor.info.source,
+            source=extractor.info.source,
+            description=extractor.info.description,
+            fingerprint=extractor.info.fingerprint,
+        ),
+        references=str(config.references.resolve()),
+        count=len(records),
+        global_index=config.global_index,
+        segments=[_segment_entry(index_dir, s) for s in segments],
+        report=report,
+        location_shards=partition.shards if partition else [],
+    )
+
+    def write_location_files(version_dir: Path) -> list[str]:
+        if partition is None:
+            return []
+        return write_location_shards(version_dir, partition, global_desc, config.global_index)
+
+    published = publish_version(
+        index_dir,
+        records,
+        build_global_index(global_desc, config.global_index),
+        manifest,
+        write_location_files,
+    )
+    report.version = published.version
+    return report
 
 
 def _location_partition(
@@ -310,41 +421,6 @@ def _reusable_content(
         for row, image in enumerate(meta.images):
             available.setdefault(image.content_hash, _Available(found.name, row, image))
     return available
-
-
-def _encode_missing(
-    config: BuildConfig,
-    encoder: Encoder,
-    identity: EncodingIdentity,
-    images: Sequence[ReferenceImage],
-    hashes: dict[str, str],
-    available: dict[str, _Available],
-    progress: BuildProgress,
-    notify: ProgressCallback,
-) -> list[tuple[str, str]]:
-    """Encode every content hash not yet available, adding it to `available`. Returns (path, reason)
-    for the images that could not be decoded."""
-    todo, seen = [], set(available)
-    for image in images:
-        if hashes[image.rel_path] not in seen:
-            seen.add(hashes[image.rel_path])
-            todo.append(image)
-    progress.phase, progress.done, progress.total = "encoding", 0, len(todo)
-    notify(progress)
-    if not todo:
-        return []
-    batches = plan_batches(todo, config.batch_size or encoder.default_batch_size())
-    writer = _SegmentBuffer(config.index_dir / SEGMENTS, identity, config.segment_size, available)
-    skipped: list[tuple[str, str]] = []
-    started = time.monotonic()
-    for encoded in encoder.encode(batches):
-        skipped += encoded.skipped
-        pairs = zip(encoded.images, encoded.metas, strict=True)
-        segment_images = [SegmentImage(hashes[image.rel_path], *meta) for image, meta in pairs]
-        writer.add(segment_images, encoded.global_desc, encoded.local)
-        _advance(progress, notify, started, encoded.size)
-    writer.flush()
-    return skipped
 
 
 def _advance(progress: BuildProgress, notify: ProgressCallback, started: float, count: int) -> None:
