@@ -77,7 +77,7 @@ def emit(report: dict, out: Path | None) -> None:
 
 def untrained_head_model(device: str | torch.device = "cpu"):
     """The default backbone with a seeded, untrained 61x61x128 local head: the only 61x61 maps offline."""
-    from model.loading import load_model
+    from model.weights.loading import load_model
 
     loaded = load_model("default", device)
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def untrained_head_model(device: str | torch.device = "cpu"):
 
 def untrained_head_checkpoint(directory: Path) -> Path:
     """`untrained_head_model` saved in the project format (once per directory), for every command."""
-    from model.checkpoints import CONFIG_FILE, save_checkpoint
+    from model.weights.project_format import CONFIG_FILE, save_checkpoint
 
     if (directory / CONFIG_FILE).is_file():
         return directory

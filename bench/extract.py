@@ -20,7 +20,7 @@ import torch
 from bench.common import DEFAULT_SHARED, emit, machine
 from model.config import parse_feature_block
 from model.extractor import FeatureExtractor, resolve_device
-from model.loading import load_model
+from model.weights.loading import load_model
 
 
 def measure(args: argparse.Namespace) -> dict:

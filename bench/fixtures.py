@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from bench.common import DEFAULT_SHARED
-from model.checkpoints import save_checkpoint
 from model.config import SelaVPRConfig, vit_config
 from model.selavpr import SelaVPR
+from model.weights.project_format import save_checkpoint
 
 
 def random_checkpoint(vit: str, out: Path, seed: int = 0) -> Path:

@@ -32,14 +32,14 @@ from index_builder.builder import BuildConfig, build_index, encoding_identity
 from index_builder.global_index import GlobalIndexConfig, build_global_index, search
 from index_builder.manifest import CheckpointRecord, IndexManifest
 from index_builder.store import (
-    SHARDS,
+    SEGMENTS,
     ImageRecord,
-    ShardImage,
+    SegmentImage,
     decode_local,
     encode_local,
     now_iso,
     publish_version,
-    write_shard,
+    write_segment,
 )
 from model.extractor import FeatureExtractor
 from model.matching import mnn_scores, rerank_order
@@ -197,24 +197,24 @@ def bench_ann(n: int = 50_000, dim: int = 384, queries: int = 500) -> list[dict]
 # --- serving memory ----------------------------------------------------------------------------------
 
 
-def synthetic_store(index_dir: Path, checkpoint: Path, images: int, shard_size: int = 256) -> None:
+def synthetic_store(index_dir: Path, checkpoint: Path, images: int, segment_size: int = 256) -> None:
     """A published version of `images` random 61x61x128 feature maps (int8 as the builder stores them),
     with the identity of `checkpoint` so that a Localizer accepts it."""
     extractor = FeatureExtractor.from_checkpoint(str(checkpoint), "cpu")
     identity = encoding_identity(extractor, "int8")
     rng = np.random.default_rng(0)
-    block = rng.standard_normal((shard_size, *identity.local_shape)).astype(np.float32)
+    block = rng.standard_normal((segment_size, *identity.local_shape)).astype(np.float32)
     block /= np.linalg.norm(block, axis=-1, keepdims=True)
     encoded = encode_local(block, "int8")
     records, descriptors = [], []
-    (index_dir / SHARDS).mkdir(parents=True, exist_ok=True)
-    for start in range(0, images, shard_size):
-        count = min(shard_size, images - start)
+    (index_dir / SEGMENTS).mkdir(parents=True, exist_ok=True)
+    for start in range(0, images, segment_size):
+        count = min(segment_size, images - start)
         glob = rng.standard_normal((count, identity.global_dim)).astype(np.float32)
         glob /= np.linalg.norm(glob, axis=1, keepdims=True)
-        metas = [ShardImage(f"synthetic-{start + i}", 640, 480, None) for i in range(count)]
+        metas = [SegmentImage(f"synthetic-{start + i}", 640, 480, None) for i in range(count)]
         arrays = {"global": glob, **{k: v[:count] for k, v in encoded.items()}}
-        name = write_shard(index_dir / SHARDS, identity, metas, arrays)
+        name = write_segment(index_dir / SEGMENTS, identity, metas, arrays)
         descriptors.append(glob)
         for i in range(count):
             records.append(
@@ -234,7 +234,7 @@ def synthetic_store(index_dir: Path, checkpoint: Path, images: int, shard_size: 
                     location_source=None,
                     exif_location=None,
                     added_at=now_iso(),
-                    shard=name,
+                    segment=name,
                     row=i,
                 )
             )
@@ -301,7 +301,7 @@ def bench_memory(shared: Path, work: Path, images: int) -> dict:
     mib = 2**20
     return {
         "images": images,
-        "store_bytes_on_disk": sum(f.stat().st_size for f in (work / "full" / SHARDS).rglob("*.npy")),
+        "store_bytes_on_disk": sum(f.stat().st_size for f in (work / "full" / SEGMENTS).rglob("*.npy")),
         "queries": 3 * len(queries),
         "rerank_k": 100,
         "empty_store_rss_mib": empty["rss_after_queries"] / mib,

@@ -40,7 +40,7 @@ def log(message: str) -> None:
 def bench_model(vit: str, device: torch.device):
     """The default weights, or a random-weight SelaVPR of the given ViT size (speed only)."""
     if vit == "default":
-        from model.loading import load_model
+        from model.weights.loading import load_model
 
         return load_model("default", device).model.eval()
     from model.selavpr import SelaVPR

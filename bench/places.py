@@ -20,8 +20,8 @@ import torch
 from bench.common import DEFAULT_SHARED, emit, machine
 from model.config import parse_feature_block
 from model.extractor import FeatureExtractor
-from model.loading import load_model
 from model.matching import mnn_scores
+from model.weights.loading import load_model
 
 
 def images(shared: Path) -> tuple[list[Path], np.ndarray]:

@@ -22,7 +22,7 @@ import torch
 from bench.common import DEFAULT_SHARED, emit, machine
 from index_builder.builder import BuildConfig, build_index, encoding_identity
 from index_builder.ray_build import ExtractorSpec, RayBuildOptions, RayDataEncoder, ray_session
-from index_builder.store import SHARDS, IndexVersion, ShardFiles
+from index_builder.store import IndexVersion, SegmentFiles, segment_dir
 from model.extractor import FeatureExtractor
 from tests.helpers import shared_references
 
@@ -34,7 +34,7 @@ def _features(index_dir: Path) -> dict[str, bytes]:
     version = IndexVersion.open_current(index_dir)
     out = {}
     for record in version.all_records():
-        files = ShardFiles(index_dir / SHARDS / record.shard)
+        files = SegmentFiles(segment_dir(index_dir, record.segment))
         values, scale = files.read_stored([record.row])
         out[record.path] = (
             files.read_global()[record.row].tobytes() + values.tobytes() + np.asarray(scale).tobytes()

@@ -32,7 +32,7 @@ from bench.common import machine
 from index_builder.global_index import GlobalIndexConfig
 from index_builder.manifest import CheckpointRecord, EncodingIdentity, IndexManifest
 from index_builder.sharding import BoundingBox, ShardPlan, shard_key
-from index_builder.store import ImageRecord, IndexVersion, ShardImage, encode_local, write_shard
+from index_builder.store import SEGMENTS, ImageRecord, IndexVersion, SegmentImage, encode_local, write_segment
 from index_builder.store.location_shards import ids_file, index_file
 from index_builder.store.metadata import write_metadata
 from index_builder.store.versions import CURRENT, VERSIONS
@@ -61,10 +61,10 @@ def write_synthetic_index(root: Path, images: int, shards: int, dim: int, map_sh
         feature_block="final",
     )
     maps = torch.nn.functional.normalize(torch.randn(pool, *map_shape), dim=-1).numpy()
-    segment = write_shard(
-        root / "shards",
+    segment = write_segment(
+        root / SEGMENTS,
         identity,
-        [ShardImage(f"pool{i}", 224, 224, None) for i in range(pool)],
+        [SegmentImage(f"pool{i}", 224, 224, None) for i in range(pool)],
         {"global": _unit(rng, pool, dim), **encode_local(maps, "int8")},
     )
     version_dir = root / VERSIONS / "v000001"
@@ -90,7 +90,7 @@ def write_synthetic_index(root: Path, images: int, shards: int, dim: int, map_sh
                 location_source="synthetic",
                 exif_location=None,
                 added_at="",
-                shard=segment,
+                segment=segment,
                 row=i % pool,
             )
             for i in range(images)

@@ -1,14 +1,15 @@
 """Reference folder -> a new published index version, encoding only what changed.
 
-Stages, top to bottom in `build_index`:
-1. scan the folder, read locations.csv files, hash contents (a file whose size and mtime match the
+Four stage functions, run in order by `build_index` under the index's build lock:
+1. `scan` the folder, read locations.csv files, hash contents (a file whose size and mtime match the
    previous version keeps its recorded hash);
-2. plan: content already encoded with the same model (in the previous version, or in shards a killed
+2. `plan`: content already encoded with the same model (in the previous version, or in segments a killed
    build left behind) is reused; the rest is encoded;
-3. encode: the images to encode are planned into batches and handed to an encoder (`encoding.py`:
-   this process, or a Ray Data actor pool); features go to new shards as they fill;
-4. publish: metadata, FAISS index and manifest written aside, then the CURRENT pointer swapped; old
-   versions and unused shards are removed after the grace period.
+3. `encode`: the images to encode are planned into batches and handed to an encoder (`encoding.py`:
+   this process, or a Ray Data actor pool); features go to new segments as they fill;
+4. `publish`: metadata, FAISS index and manifest written aside, then the CURRENT pointer swapped; old
+   versions and unused segments are removed after the grace period (by `build_index`).
+The Ray build runs the same stages with a Ray Data `Encoder` (index_builder/ray_build.py).
 """
 
 from __future__ import annotations
@@ -26,26 +27,34 @@ import numpy as np
 from index_builder.encoding import Encoder, LocalEncoder, plan_batches
 from index_builder.global_index import GlobalIndexConfig, build_global_index
 from index_builder.locations import CsvEntry, Location, location_from_filename, read_location_csvs
-from index_builder.manifest import BuildReport, CheckpointRecord, EncodingIdentity, IndexManifest, ShardEntry
+from index_builder.manifest import (
+    BuildReport,
+    CheckpointRecord,
+    EncodingIdentity,
+    IndexManifest,
+    SegmentEntry,
+)
 from index_builder.sharding import MAX_SHARDS, Partition, Reference, partition
 from index_builder.sources import ReferenceImage, content_hash, scan_references
 from index_builder.store import (
     DEFAULT_GRACE_SECONDS,
     DEFAULT_LOCAL_DTYPE,
-    SHARDS,
+    SEGMENT_FOLDERS,
+    SEGMENTS,
     BuildLock,
     ImageRecord,
     IndexNotFound,
     IndexStoreError,
     IndexVersion,
-    ShardFiles,
-    ShardImage,
+    SegmentFiles,
+    SegmentImage,
     collect_garbage,
     now_iso,
     publish_version,
-    read_shard_meta,
+    read_segment_meta,
     remove_unfinished,
-    write_shard,
+    segment_dir,
+    write_segment,
 )
 from index_builder.store.location_shards import write_location_shards
 from model.config import FeatureBlock
@@ -68,7 +77,7 @@ class BuildConfig:
     model_dtype: str = "float32"
     full: bool = False  # re-encode everything
     batch_size: int | None = None  # None: 16 on CPU, 64 on GPU
-    shard_size: int = 256  # images per shard file set (~120 MB at 61x61x128)
+    segment_size: int = 256  # images per segment (~120 MB at 61x61x128)
     decode_workers: int = 2
     local_dtype: str = DEFAULT_LOCAL_DTYPE
     global_index: GlobalIndexConfig = field(default_factory=GlobalIndexConfig)
@@ -100,12 +109,42 @@ class BuildProgress:
 class _Available:
     """Where already-encoded content lives."""
 
-    shard: str
+    segment: str
     row: int
-    image: ShardImage
+    image: SegmentImage
 
 
 ProgressCallback = Callable[[BuildProgress], None]
+
+
+@dataclass
+class ScannedReferences:
+    """Stage 1's result: the reference folder as it is now."""
+
+    images: list[ReferenceImage]
+    hashes: dict[str, str]  # rel_path -> content hash
+    previous_records: dict[str, ImageRecord]  # the published version's, by path
+    csv_entries: dict[str, CsvEntry]
+    location_problems: list[str]
+    unusable: list[tuple[str, str]]  # (path, reason): files that are not images at all
+
+
+@dataclass
+class BuildPlan:
+    """Stage 2's result: what is reused from where, and what must be encoded."""
+
+    identity: EncodingIdentity
+    available: dict[str, _Available]  # content hash -> stored features; encoding adds to it
+    reused_hashes: set[str]
+    todo: list[ReferenceImage]  # one image per content hash not yet available
+
+
+@dataclass
+class EncodeOutcome:
+    """Stage 3's result."""
+
+    skipped: list[tuple[str, str]]  # (path, reason): images that could not be decoded
+    seconds: float
 
 
 def build_index(
@@ -114,8 +153,9 @@ def build_index(
     on_progress: ProgressCallback | None = None,
     encoder: Encoder | None = None,
 ) -> BuildReport:
-    """`extractor` defines the encoding identity (and encodes, unless `encoder` is given: e.g. a
-    `RayDataEncoder` running the same model on a Ray Data actor pool)."""
+    """scan -> plan -> encode -> publish, under the index's build lock. `extractor` defines the encoding
+    identity (and encodes, unless `encoder` is given: e.g. a `RayDataEncoder` running the same model on a
+    Ray Data actor pool)."""
     started = time.monotonic()
     progress = BuildProgress()
     notify = on_progress or (lambda p: None)
@@ -132,90 +172,163 @@ def build_index(
         )
         identity = encoding_identity(extractor, config.local_dtype)
         previous = _open_previous(index_dir)
-        previous_records = {r.path: r for r in previous.all_records()} if previous else {}
-        reuse_previous = previous is not None and previous.identity == identity and not config.full
-
-        progress.phase = "scanning"
-        notify(progress)
-        unusable: list[tuple[str, str]] = []
-        images = scan_references(config.references, unusable)
-        csv_entries, location_problems = read_location_csvs(config.references)
-        hashes = _hash_all(images, previous_records, progress, notify)
-
-        available = _reusable_content(
-            index_dir, identity, previous, previous_records if reuse_previous else {}
-        )
-        reused_hashes = set(available)
-        encode_started = time.monotonic()
-        encoder = encoder or LocalEncoder(extractor, config.local_dtype, config.decode_workers)
-        skipped = unusable + _encode_missing(
-            config, encoder, identity, images, hashes, available, progress, notify
-        )
-        encode_seconds = time.monotonic() - encode_started
-
-        progress.phase = "publishing"
-        notify(progress)
-        records = _records(images, hashes, available, csv_entries, previous_records)
-        global_desc = _global_descriptors(index_dir, records, identity.global_dim)
-        shards = sorted({r.shard for r in records})
-        report = BuildReport(
-            version="",
-            total=len(records),
-            encoded=sum(1 for r in records if r.content_hash not in reused_hashes),
-            reused=sum(1 for r in records if r.content_hash in reused_hashes),
-            removed=len(set(previous_records) - {img.rel_path for img in images}),
-            skipped=len(skipped),
-            seconds=0.0,
-            with_location=sum(1 for r in records if r.utm_east is not None),
-            encode_seconds=round(encode_seconds, 3),
-            skipped_files=[{"path": p, "reason": why} for p, why in skipped],
-            location_problems=location_problems,
-        )
-        partition = _location_partition(config, previous, records)
-        manifest = IndexManifest(
-            encoding=identity,
-            checkpoint=CheckpointRecord(
-                spec=extractor.info.spec or extractor.info.source,
-                source=extractor.info.source,
-                description=extractor.info.description,
-                fingerprint=extractor.info.fingerprint,
-            ),
-            references=str(config.references.resolve()),
-            count=len(records),
-            global_index=config.global_index,
-            shards=[_shard_entry(index_dir, s) for s in shards],
-            report=report,
-            location_shards=partition.shards if partition else [],
-        )
-
-        def write_location_files(version_dir: Path) -> list[str]:
-            if partition is None:
-                return []
-            return write_location_shards(version_dir, partition, global_desc, config.global_index)
-
-        published = publish_version(
-            index_dir,
-            records,
-            build_global_index(global_desc, config.global_index),
-            manifest,
-            write_location_files,
-        )
-        report.version = published.version
-        if previous:
-            previous.close()
+        try:
+            scanned = scan(config.references, previous, progress, notify)
+            planned = plan(config, identity, previous, scanned, progress, notify)
+            encoder = encoder or LocalEncoder(extractor, config.local_dtype, config.decode_workers)
+            encoded = encode(config, encoder, planned, scanned, progress, notify)
+            report = publish(config, extractor, previous, scanned, planned, encoded, progress, notify)
+        finally:
+            if previous:
+                previous.close()
         removed = collect_garbage(index_dir, config.grace_seconds)
         log.info(
-            "published %s; removed versions %s and %d shards",
+            "published %s; removed versions %s and %d segments",
             report.version,
             removed.versions,
-            len(removed.shards),
+            len(removed.segments),
         )
         for problem in removed.problems:
             log.warning("after publishing %s: %s", report.version, problem)
         report.seconds = round(time.monotonic() - started, 3)
-        progress.phase, progress.done, progress.total = "done", len(records), len(records)
+        progress.phase, progress.done, progress.total = "done", report.total, report.total
         notify(progress)
         return report
+
+
+def scan(
+    references: Path, previous: IndexVersion | None, progress: BuildProgress, notify: ProgressCallback
+) -> ScannedReferences:
+    """Stage 1: the images under `references`, their locations.csv entries and content hashes."""
+    progress.phase = "scanning"
+    notify(progress)
+    unusable: list[tuple[str, str]] = []
+    images = scan_references(references, unusable)
+    csv_entries, location_problems = read_location_csvs(references)
+    previous_records = {r.path: r for r in previous.all_records()} if previous else {}
+    hashes = _hash_all(images, previous_records, progress, notify)
+    return ScannedReferences(images, hashes, previous_records, csv_entries, location_problems, unusable)
+
+
+def plan(
+    config: BuildConfig,
+    identity: EncodingIdentity,
+    previous: IndexVersion | None,
+    scanned: ScannedReferences,
+    progress: BuildProgress,
+    notify: ProgressCallback,
+) -> BuildPlan:
+    """Stage 2: content already encoded with the same model (in the previous version, unless --full, or
+    in segments a killed build left behind) is reused; every other content hash is encoded once."""
+    reuse_previous = previous is not None and previous.identity == identity and not config.full
+    available = _reusable_content(
+        config.index_dir, identity, previous, scanned.previous_records if reuse_previous else {}
+    )
+    todo, seen = [], set(available)
+    for image in scanned.images:
+        content = scanned.hashes[image.rel_path]
+        if content not in seen:
+            seen.add(content)
+            todo.append(image)
+    progress.phase, progress.done, progress.total = "encoding", 0, len(todo)
+    notify(progress)
+    return BuildPlan(identity, available, set(available), todo)
+
+
+def encode(
+    config: BuildConfig,
+    encoder: Encoder,
+    planned: BuildPlan,
+    scanned: ScannedReferences,
+    progress: BuildProgress,
+    notify: ProgressCallback,
+) -> EncodeOutcome:
+    """Stage 3: encode `planned.todo` in planned batches (this process, or a Ray Data actor pool) into new
+    segments, adding each image to `planned.available`."""
+    started = time.monotonic()
+    if not planned.todo:
+        return EncodeOutcome([], 0.0)
+    batches = plan_batches(planned.todo, config.batch_size or encoder.default_batch_size())
+    writer = _SegmentBuffer(
+        config.index_dir / SEGMENTS, planned.identity, config.segment_size, planned.available
+    )
+    skipped: list[tuple[str, str]] = []
+    for encoded in encoder.encode(batches):
+        skipped += encoded.skipped
+        pairs = zip(encoded.images, encoded.metas, strict=True)
+        segment_images = [SegmentImage(scanned.hashes[image.rel_path], *meta) for image, meta in pairs]
+        writer.add(segment_images, encoded.global_desc, encoded.local)
+        _advance(progress, notify, started, encoded.size)
+    writer.flush()
+    return EncodeOutcome(skipped, time.monotonic() - started)
+
+
+def publish(
+    config: BuildConfig,
+    extractor: FeatureExtractor,
+    previous: IndexVersion | None,
+    scanned: ScannedReferences,
+    planned: BuildPlan,
+    encoded: EncodeOutcome,
+    progress: BuildProgress,
+    notify: ProgressCallback,
+) -> BuildReport:
+    """Stage 4: metadata, FAISS index (and location shards) and manifest written aside, then the CURRENT
+    pointer swapped. Returns the report of the published version."""
+    progress.phase = "publishing"
+    notify(progress)
+    index_dir = config.index_dir
+    previous_records = scanned.previous_records
+    skipped = scanned.unusable + encoded.skipped
+    records = _records(
+        scanned.images, scanned.hashes, planned.available, scanned.csv_entries, previous_records
+    )
+    global_desc = _global_descriptors(index_dir, records, planned.identity.global_dim)
+    segments = sorted({r.segment for r in records})
+    report = BuildReport(
+        version="",
+        total=len(records),
+        encoded=sum(1 for r in records if r.content_hash not in planned.reused_hashes),
+        reused=sum(1 for r in records if r.content_hash in planned.reused_hashes),
+        removed=len(set(previous_records) - {img.rel_path for img in scanned.images}),
+        skipped=len(skipped),
+        seconds=0.0,
+        with_location=sum(1 for r in records if r.utm_east is not None),
+        encode_seconds=round(encoded.seconds, 3),
+        skipped_files=[{"path": p, "reason": why} for p, why in skipped],
+        location_problems=scanned.location_problems,
+    )
+    partition = _location_partition(config, previous, records)
+    manifest = IndexManifest(
+        encoding=planned.identity,
+        checkpoint=CheckpointRecord(
+            spec=extractor.info.spec or extractor.info.source,
+            source=extractor.info.source,
+            description=extractor.info.description,
+            fingerprint=extractor.info.fingerprint,
+        ),
+        references=str(config.references.resolve()),
+        count=len(records),
+        global_index=config.global_index,
+        segments=[_segment_entry(index_dir, s) for s in segments],
+        report=report,
+        location_shards=partition.shards if partition else [],
+    )
+
+    def write_location_files(version_dir: Path) -> list[str]:
+        if partition is None:
+            return []
+        return write_location_shards(version_dir, partition, global_desc, config.global_index)
+
+    published = publish_version(
+        index_dir,
+        records,
+        build_global_index(global_desc, config.global_index),
+        manifest,
+        write_location_files,
+    )
+    report.version = published.version
+    return report
 
 
 def _location_partition(
@@ -288,61 +401,26 @@ def _reusable_content(
     previous: IndexVersion | None,
     previous_records: dict[str, ImageRecord],
 ) -> dict[str, _Available]:
-    """content hash -> encoded features: the previous version's (same identity) and every complete shard
-    of the same identity that no version references (left by a build that was killed)."""
+    """content hash -> encoded features: the previous version's (same identity) and every complete
+    segment of the same identity that no version references (left by a build that was killed)."""
     available: dict[str, _Available] = {}
     for record in previous_records.values():
         exif = record.exif_location
-        image = ShardImage(
+        image = SegmentImage(
             record.content_hash, record.width, record.height, json.loads(exif) if exif else None
         )
-        available[record.content_hash] = _Available(record.shard, record.row, image)
-    referenced = set(previous.shard_names) if previous else set()
-    shards_dir = index_dir / SHARDS
-    for shard_dir in sorted(shards_dir.iterdir()) if shards_dir.is_dir() else []:
-        if shard_dir.name in referenced or shard_dir.name.startswith("."):
+        available[record.content_hash] = _Available(record.segment, record.row, image)
+    referenced = set(previous.segment_names) if previous else set()
+    folders = [index_dir / folder for folder in SEGMENT_FOLDERS]
+    for found in sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir()):
+        if found.name in referenced or found.name.startswith("."):
             continue
-        meta = read_shard_meta(shard_dir)
+        meta = read_segment_meta(found)
         if not meta or meta.encoding != identity:
             continue
         for row, image in enumerate(meta.images):
-            available.setdefault(image.content_hash, _Available(shard_dir.name, row, image))
+            available.setdefault(image.content_hash, _Available(found.name, row, image))
     return available
-
-
-def _encode_missing(
-    config: BuildConfig,
-    encoder: Encoder,
-    identity: EncodingIdentity,
-    images: Sequence[ReferenceImage],
-    hashes: dict[str, str],
-    available: dict[str, _Available],
-    progress: BuildProgress,
-    notify: ProgressCallback,
-) -> list[tuple[str, str]]:
-    """Encode every content hash not yet available, adding it to `available`. Returns (path, reason)
-    for the images that could not be decoded."""
-    todo, seen = [], set(available)
-    for image in images:
-        if hashes[image.rel_path] not in seen:
-            seen.add(hashes[image.rel_path])
-            todo.append(image)
-    progress.phase, progress.done, progress.total = "encoding", 0, len(todo)
-    notify(progress)
-    if not todo:
-        return []
-    batches = plan_batches(todo, config.batch_size or encoder.default_batch_size())
-    writer = _ShardBuffer(config.index_dir / SHARDS, identity, config.shard_size, available)
-    skipped: list[tuple[str, str]] = []
-    started = time.monotonic()
-    for encoded in encoder.encode(batches):
-        skipped += encoded.skipped
-        pairs = zip(encoded.images, encoded.metas, strict=True)
-        shard_images = [ShardImage(hashes[image.rel_path], *meta) for image, meta in pairs]
-        writer.add(shard_images, encoded.global_desc, encoded.local)
-        _advance(progress, notify, started, encoded.size)
-    writer.flush()
-    return skipped
 
 
 def _advance(progress: BuildProgress, notify: ProgressCallback, started: float, count: int) -> None:
@@ -354,19 +432,19 @@ def _advance(progress: BuildProgress, notify: ProgressCallback, started: float, 
     notify(progress)
 
 
-class _ShardBuffer:
-    """Collects encoded images and writes a shard whenever `capacity` are ready."""
+class _SegmentBuffer:
+    """Collects encoded images and writes a segment whenever `capacity` are ready."""
 
     def __init__(
-        self, shards_dir: Path, identity: EncodingIdentity, capacity: int, available: dict[str, _Available]
+        self, segments_dir: Path, identity: EncodingIdentity, capacity: int, available: dict[str, _Available]
     ) -> None:
-        self.shards_dir, self.identity, self.capacity = shards_dir, identity, capacity
+        self.segments_dir, self.identity, self.capacity = segments_dir, identity, capacity
         self.available = available
-        self.images: list[ShardImage] = []
+        self.images: list[SegmentImage] = []
         self.globals: list[np.ndarray] = []
         self.locals: list[dict[str, np.ndarray]] = []
 
-    def add(self, images: list[ShardImage], global_desc: np.ndarray, local: dict[str, np.ndarray]) -> None:
+    def add(self, images: list[SegmentImage], global_desc: np.ndarray, local: dict[str, np.ndarray]) -> None:
         """`global_desc` (n, D) float32 and `local` (the `encode_local` arrays) of `images`."""
         if not images:
             return
@@ -381,8 +459,8 @@ class _ShardBuffer:
             return
         arrays = {"global": np.concatenate(self.globals)}
         arrays |= {key: np.concatenate([part[key] for part in self.locals]) for key in self.locals[0]}
-        self.shards_dir.mkdir(parents=True, exist_ok=True)
-        name = write_shard(self.shards_dir, self.identity, self.images, arrays)
+        self.segments_dir.mkdir(parents=True, exist_ok=True)
+        name = write_segment(self.segments_dir, self.identity, self.images, arrays)
         for row, image in enumerate(self.images):
             self.available[image.content_hash] = _Available(name, row, image)
         self.images, self.globals, self.locals = [], [], []
@@ -434,7 +512,7 @@ def _records(
                 location_source=location.source if location else None,
                 exif_location=json.dumps(found.image.exif_location) if found.image.exif_location else None,
                 added_at=before.added_at if unchanged else stamp,
-                shard=found.shard,
+                segment=found.segment,
                 row=found.row,
                 name=entry.name if entry else None,
             )
@@ -444,11 +522,11 @@ def _records(
 
 def _global_descriptors(index_dir: Path, records: Sequence[ImageRecord], dim: int) -> np.ndarray:
     out = np.empty((len(records), dim), dtype=np.float32)
-    by_shard: dict[str, list[ImageRecord]] = {}
+    by_segment: dict[str, list[ImageRecord]] = {}
     for record in records:
-        by_shard.setdefault(record.shard, []).append(record)
-    for shard, members in by_shard.items():
-        rows = ShardFiles(index_dir / SHARDS / shard)
+        by_segment.setdefault(record.segment, []).append(record)
+    for segment, members in by_segment.items():
+        rows = SegmentFiles(segment_dir(index_dir, segment))
         try:
             descriptors = rows.read_global()
         finally:
@@ -457,8 +535,8 @@ def _global_descriptors(index_dir: Path, records: Sequence[ImageRecord], dim: in
     return out
 
 
-def _shard_entry(index_dir: Path, name: str) -> ShardEntry:
-    meta = read_shard_meta(index_dir / SHARDS / name)
+def _segment_entry(index_dir: Path, name: str) -> SegmentEntry:
+    meta = read_segment_meta(segment_dir(index_dir, name))
     if meta is None:
-        raise IndexStoreError(f"shard {name} is unreadable; run the build again with --full")
+        raise IndexStoreError(f"segment {name} is unreadable; run the build again with --full")
     return meta.entry(name)

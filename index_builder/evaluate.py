@@ -24,12 +24,12 @@ from index_builder.builder import BuildConfig, build_index
 from index_builder.global_index import search as global_search
 from index_builder.search import check_compatible, prepare_query
 from index_builder.store import DEFAULT_GRACE_SECONDS, DEFAULT_LOCAL_DTYPE, IndexVersion
-from model.cache import cache_dir
 from model.config import FeatureBlock
 from model.datasets import VPRSplit
 from model.extractor import FeatureExtractor, resolve_device
-from model.loading import load_model
 from model.matching import mnn_scores, rerank_order
+from model.weights.cache import cache_dir
+from model.weights.loading import load_model
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
     versions/v000007/manifest.json
 
 `encoding` says what the features were computed with (indexes of different encodings never mix),
-`checkpoint` what to load to search it, `shards` which feature shards it uses, `report` how it was built,
+`checkpoint` what to load to search it, `segments` which feature segments it uses, `report` how it was built,
 `location_shards` (empty unless built with `--shards N`) how its references are split into location
 shards, each with its own global index (`shard-00.faiss`) and ids (`shard-00.ids.npy`) in the version.
 """
@@ -21,13 +21,13 @@ from index_builder.sharding import ShardPlan
 from model.config import FINAL, FeatureBlock
 
 FORMAT = "selavpr-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: feature segments (`segments`); 1 called them `shards` and still reads
 MANIFEST_FILE = "manifest.json"
 
 
 @dataclass(frozen=True)
 class EncodingIdentity:
-    """Everything that determines stored features. Shards of another identity are never reused."""
+    """Everything that determines stored features. Segments of another identity are never reused."""
 
     fingerprint: str
     local_mode: str
@@ -58,7 +58,7 @@ class CheckpointRecord:
 
 
 @dataclass(frozen=True)
-class ShardEntry:
+class SegmentEntry:
     name: str
     count: int
     files: dict[str, str]  # file name -> sha256
@@ -98,7 +98,7 @@ class IndexManifest:
     references: str
     count: int
     global_index: GlobalIndexConfig
-    shards: list[ShardEntry]
+    segments: list[SegmentEntry]
     report: BuildReport | None = None
     location_shards: list[ShardPlan] = field(default_factory=list)  # empty: one index, not sharded
     # set when the version is published
@@ -119,7 +119,7 @@ class IndexManifest:
             references=data["references"],
             count=int(data["count"]),
             global_index=GlobalIndexConfig(**data["global_index"]),
-            shards=[ShardEntry(**s) for s in data["shards"]],
+            segments=[SegmentEntry(**s) for s in data["segments" if "segments" in data else "shards"]],
             report=BuildReport.from_dict(report) if report else None,
             location_shards=[ShardPlan.from_dict(s) for s in data.get("location_shards", [])],
             version=data["version"],

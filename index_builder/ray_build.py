@@ -1,6 +1,7 @@
 """`selavpr index build --engine ray`: the build's encoding stage on a Ray Data actor pool.
 
-Everything else (scan, plan, shard files, publish) stays the single-process builder's; this module only
+The scan, plan and publish stages (and the segment files the encode stage writes) are the single-process
+builder's (`index_builder.builder.build_index`, given this module's `RayDataEncoder`); this module only
 runs the planned batches through `ray.data.from_items(...).map_batches(BatchEncoder, concurrency=N)`.
 Each dataset row is one planned model batch, so every actor runs exactly the forward passes the
 single-process build runs (`index_builder.encoding.encode_decoded`), which makes the stored features
@@ -149,7 +150,7 @@ class RayDataEncoder:
             num_gpus=self.options.actor_gpus,
             batch_format="numpy",
         )
-        # Rows may come back in any order; the shard files are written in plan order, as the
+        # Rows may come back in any order; the segment files are written in plan order, as the
         # single-process build writes them, so finished batches wait here for those before them.
         waiting: dict[int, bytes] = {}
         following = 0

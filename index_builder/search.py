@@ -32,10 +32,10 @@ from index_builder.shard_search import (
 from index_builder.sharding import LocationPrior, shard_key
 from index_builder.store import ImageRecord, IndexVersion
 from model.extractor import FeatureExtractor, resolve_device
-from model.loading import load_model
 from model.matching import native, rerank_order
 from model.matching.defaults import resolve_precision
 from model.preprocess import ImageSource, MemoryBudget
+from model.weights.loading import load_model
 
 log = logging.getLogger(__name__)
 

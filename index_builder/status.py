@@ -9,10 +9,10 @@ from typing import Any
 from index_builder.errors import IndexNotFound
 from index_builder.manifest import IndexManifest
 from index_builder.store import (
-    SHARDS,
     VERSIONS,
     build_running,
     current_version_name,
+    segment_dir,
     sha256_file,
     version_names,
 )
@@ -41,7 +41,7 @@ def index_status(index_dir: Path, verify: bool = False) -> dict[str, Any]:
         "encoding": manifest.encoding.to_dict(),
         "checkpoint": asdict(manifest.checkpoint),
         "global_index": manifest.global_index.to_dict(),
-        "shards": len(manifest.shards),
+        "segments": len(manifest.segments),
         "location_shards": [
             {"key": s.key, "count": s.count, "located": s.located} for s in manifest.location_shards
         ],
@@ -53,11 +53,11 @@ def index_status(index_dir: Path, verify: bool = False) -> dict[str, Any]:
 
 
 def verify_version(index_dir: Path, manifest: IndexManifest) -> dict[str, Any]:
-    """Recompute every checksum the manifest and its shards record."""
+    """Recompute every checksum the manifest and its segments record."""
     problems = []
     expected = {index_dir / VERSIONS / manifest.version / f: h for f, h in manifest.files.items()}
-    for shard in manifest.shards:
-        expected |= {index_dir / SHARDS / shard.name / f: h for f, h in shard.files.items()}
+    for segment in manifest.segments:
+        expected |= {segment_dir(index_dir, segment.name) / f: h for f, h in segment.files.items()}
     for path, digest in expected.items():
         if not path.is_file():
             problems.append(f"missing {path.relative_to(index_dir)}")

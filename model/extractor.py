@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from model.checkpoints import LoadedModel
 from model.config import FeatureBlock, LocalMode, local_side
 from model.dtype import ModelDtype, autocast, cpu_has_native_bfloat16, resolve_model_dtype
 from model.errors import ImageDecodeError
-from model.loading import load_model
 from model.preprocess import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, square
+from model.weights.checkpoints import LoadedModel
+from model.weights.loading import load_model
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ def dinov2_checkpoint(path: Path, model) -> Path:
 
 def tiny_checkpoint(directory: Path, seed: int = 11) -> Path:
     """A tiny SelaVPR with a trained-looking local head, in the project format, at 112 px."""
-    from model.checkpoints import save_checkpoint
+    from model.weights.project_format import save_checkpoint
 
     return save_checkpoint(
         tiny_model(seed=seed),

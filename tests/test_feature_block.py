@@ -22,8 +22,8 @@ from index_builder.store import IndexVersion
 from model.config import FINAL, LocalMode, SelaVPRConfig, parse_feature_block, training_free_block
 from model.errors import CheckpointError
 from model.extractor import FeatureExtractor
-from model.loading import load_model
 from model.selavpr import SelaVPR
+from model.weights.loading import load_model
 from tests.helpers import dinov2_checkpoint, randomize, tiny_checkpoint, tiny_vit
 from tests.reference import selavpr_reference
 

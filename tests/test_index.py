@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from index_builder.manifest import EncodingIdentity
 from index_builder.search import Localizer
 from index_builder.status import index_status
 from index_builder.store import (
-    SHARDS,
+    SEGMENTS,
     BuildInProgress,
     BuildLock,
     IndexNotFound,
@@ -30,6 +31,7 @@ from index_builder.store import (
     current_version_name,
     decode_local,
     encode_local,
+    sha256_file,
 )
 from index_builder.store.codec import decode_local_torch
 from model.matching import mnn_scores
@@ -110,7 +112,7 @@ def test_identical_content_is_encoded_once(refs, tmp_path, tiny_ckpt):
     records = {r.path: r for r in IndexVersion.open_current(tmp_path / "index").all_records()}
     assert report.total == 10
     original = records["p0/i0/Image001.jpg"]
-    assert (records["copy.jpg"].shard, records["copy.jpg"].row) == (original.shard, original.row)
+    assert (records["copy.jpg"].segment, records["copy.jpg"].row) == (original.segment, original.row)
 
 
 def test_corrupt_and_empty_files_are_skipped_and_reported(refs, tmp_path, tiny_ckpt):
@@ -161,8 +163,8 @@ def test_readers_keep_their_version_through_rebuilds_and_cleanup(refs, tmp_path,
     assert (index_dir / "versions" / "v000001").is_dir()  # within the grace period
     build(refs, index_dir, tiny_ckpt, full=True, grace_seconds=0)
     assert sorted(p.name for p in (index_dir / "versions").iterdir()) == ["v000003"]
-    referenced = {s.name for s in IndexVersion.open_current(index_dir).manifest.shards}
-    assert {p.name for p in (index_dir / SHARDS).iterdir()} == referenced
+    referenced = {s.name for s in IndexVersion.open_current(index_dir).manifest.segments}
+    assert {p.name for p in (index_dir / SEGMENTS).iterdir()} == referenced
     # The first reader's files are gone from the directory, yet it still answers.
     assert len(reader) == 9 and reader.records([8])[0].path.startswith("p2/")
     np.testing.assert_array_equal(reader.read_local(old_ids), old_maps)
@@ -170,7 +172,7 @@ def test_readers_keep_their_version_through_rebuilds_and_cleanup(refs, tmp_path,
 
 def test_a_stray_version_folder_does_not_fail_the_build(refs, tmp_path, tiny_ckpt):
     """A removal cut short can leave a version folder without its manifest: the next build still
-    publishes, cleans it up, and keeps the shards of the published version."""
+    publishes, cleans it up, and keeps the segments of the published version."""
     index_dir = tmp_path / "index"
     build(refs, index_dir, tiny_ckpt)
     (index_dir / "versions" / "v000000").mkdir()
@@ -210,15 +212,15 @@ def test_killed_build_leaves_the_last_version_and_the_next_reuses_its_work(refs,
         "cpu",
         "--batch-size",
         "1",
-        "--shard-size",
+        "--segment-size",
         "1",
         "--decode-workers",
         "1",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    shards = index_dir / SHARDS
+    segments = index_dir / SEGMENTS
     deadline = time.monotonic() + 120
-    while len([p for p in shards.iterdir() if not p.name.startswith(".")]) < 6:
+    while len([p for p in segments.iterdir() if not p.name.startswith(".")]) < 6:
         assert proc.poll() is None, "the build finished before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.005)
@@ -232,7 +234,7 @@ def test_killed_build_leaves_the_last_version_and_the_next_reuses_its_work(refs,
 
     resumed = build(refs, index_dir, tiny_ckpt)
     assert resumed.total == 89 and resumed.reused >= 9 + 4 and resumed.encoded <= 80 - 4
-    assert not [p for p in shards.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in segments.iterdir() if p.name.startswith(".tmp-")]
     assert index_status(index_dir, verify=True)["verification"]["ok"]
 
 
@@ -330,15 +332,63 @@ def test_empty_reference_folder(tmp_path, tiny_ckpt, shared_data):
         IndexVersion.open_current(tmp_path / "nothing")
 
 
-def test_verify_detects_a_damaged_shard(refs, tmp_path, tiny_ckpt):
+def test_verify_detects_a_damaged_segment(refs, tmp_path, tiny_ckpt):
     build(refs, tmp_path / "index", tiny_ckpt)
     assert index_status(tmp_path / "index", verify=True)["verification"]["ok"]
-    shard = next((tmp_path / "index" / SHARDS).iterdir())
-    data = bytearray((shard / "local.npy").read_bytes())
+    segment = next((tmp_path / "index" / SEGMENTS).iterdir())
+    data = bytearray((segment / "local.npy").read_bytes())
     data[-1] ^= 0xFF
-    (shard / "local.npy").write_bytes(bytes(data))
+    (segment / "local.npy").write_bytes(bytes(data))
     verification = index_status(tmp_path / "index", verify=True)["verification"]
     assert not verification["ok"] and "checksum mismatch" in verification["problems"][0]
+
+
+def _rewrite_in_the_layout_before_segments(index_dir: Path) -> None:
+    """Turn a freshly built index into what releases before the rename wrote: feature segments named
+    `s-<id>` under `shards/`, the manifest's `shards` list (format 1), the metadata's `shard` column."""
+    renames = {}
+    (index_dir / "shards").mkdir()
+    for folder in (index_dir / SEGMENTS).iterdir():
+        renames[folder.name] = "s-" + folder.name[2:]
+        folder.rename(index_dir / "shards" / renames[folder.name])
+    (index_dir / SEGMENTS).rmdir()
+    version_dir = index_dir / "versions" / current_version_name(index_dir)
+    db = sqlite3.connect(version_dir / "meta.sqlite")
+    db.execute("ALTER TABLE images RENAME COLUMN segment TO shard")
+    for new, old in renames.items():
+        db.execute("UPDATE images SET shard = ? WHERE shard = ?", (old, new))
+    db.commit()
+    db.close()
+    manifest = json.loads((version_dir / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    manifest["shards"] = [entry | {"name": renames[entry["name"]]} for entry in manifest.pop("segments")]
+    manifest["files"]["meta.sqlite"] = sha256_file(version_dir / "meta.sqlite")
+    (version_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_an_index_written_before_segments_opens_and_is_reused(refs, tmp_path, tiny_ckpt):
+    index_dir = tmp_path / "index"
+    build(refs, index_dir, tiny_ckpt)
+    fresh = IndexVersion.open_current(index_dir)
+    maps, records = fresh.read_local(range(9)), fresh.all_records()
+    fresh.close()
+    _rewrite_in_the_layout_before_segments(index_dir)
+
+    old = IndexVersion.open_current(index_dir)
+    assert all(r.segment.startswith("s-") for r in old.all_records())
+    assert [r.path for r in old.all_records()] == [r.path for r in records]
+    np.testing.assert_array_equal(old.read_local(range(9)), maps)
+    assert index_status(index_dir, verify=True)["verification"]["ok"]
+    query = next((refs / "p0" / "i0").iterdir())
+    assert Localizer(old, _extractor(tiny_ckpt)).localize(query).matches[0].path == "p0/i0/Image001.jpg"
+
+    noise_images(refs / "new", 1)
+    report = build(refs, index_dir, tiny_ckpt, grace_seconds=0)
+    assert (report.encoded, report.reused) == (1, 9)  # the old segments' features, not encoded again
+    assert {p.parent.name for p in index_dir.glob("*/?-*")} == {"shards", SEGMENTS}
+    assert index_status(index_dir, verify=True)["verification"]["ok"]
+    build(refs, index_dir, tiny_ckpt, full=True, grace_seconds=0)
+    assert not list((index_dir / "shards").iterdir())  # unused once nothing refers to them
 
 
 def test_int8_local_codec_error_bound():

@@ -10,7 +10,7 @@ import torch
 
 from bench.common import untrained_head_checkpoint
 from index_builder.builder import BuildConfig, build_index
-from index_builder.store import IndexVersion
+from index_builder.store import IndexVersion, segment_dir
 from model.extractor import FeatureExtractor
 from model.matching import mnn_scores, rerank_order
 
@@ -34,8 +34,8 @@ def test_int8_store_keeps_the_float32_top1_at_61x61(tmp_path, shared_data, head_
     records = version.all_records()
     per_image = (
         sum(
-            (tmp_path / "index" / "shards" / s / f).stat().st_size
-            for s in version.shard_names
+            (segment_dir(tmp_path / "index", s) / f).stat().st_size
+            for s in version.segment_names
             for f in ("local.npy", "scale.npy")
         )
         / 32

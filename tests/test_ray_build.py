@@ -19,7 +19,7 @@ import pytest
 
 from index_builder.builder import BuildConfig, build_index
 from index_builder.search import Localizer
-from index_builder.store import SHARDS, IndexVersion, ShardFiles
+from index_builder.store import IndexVersion, SegmentFiles, segment_dir
 from model.extractor import FeatureExtractor
 from tests.helpers import tiny_checkpoint
 from tests.isolated import require_isolated, run_isolated
@@ -52,13 +52,13 @@ def _stored(index_dir: Path) -> dict:
     try:
         out: dict = {"encoding": version.manifest.encoding.to_dict(), "count": version.manifest.count}
         for record in version.all_records():
-            files = ShardFiles(index_dir / SHARDS / record.shard)
+            files = SegmentFiles(segment_dir(index_dir, record.segment))
             try:
                 values, scale = files.read_stored([record.row])
                 global_desc = files.read_global()[record.row]
             finally:
                 files.close()
-            fields = {k: v for k, v in vars(record).items() if k not in ("shard", "row", "added_at")}
+            fields = {k: v for k, v in vars(record).items() if k not in ("segment", "row", "added_at")}
             out[record.path] = {
                 "record": fields,
                 "global": global_desc.astype(np.float32).tobytes(),

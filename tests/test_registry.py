@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from app.cli import main
-from model.checkpoints import CheckpointFormat
 from model.errors import CheckpointError, DownloadError
-from model.gdrive import confirmation_url
-from model.loading import load_model
-from model.named_checkpoints import (
+from model.weights.formats import CheckpointFormat
+from model.weights.gdrive import confirmation_url
+from model.weights.loading import load_model
+from model.weights.named import (
     RECORD_FILE,
     SHA256_FROM_FIRST_DOWNLOAD,
     SHA256_FROM_REGISTRY,
@@ -34,7 +34,7 @@ from model.named_checkpoints import (
     part_path,
     weights_root,
 )
-from model.registry import ENTRIES, REGISTRY, get_entry
+from model.weights.registry import ENTRIES, REGISTRY, get_entry
 from tests.fake_host import FakeHost, closed_port_url
 from tests.helpers import authors_checkpoint, dinov2_checkpoint, tiny_model
 
@@ -152,7 +152,7 @@ def test_dinov2_layout_with_a_registry_hash(host, dinov2_bytes, monkeypatch):
 
 
 def test_a_cut_connection_is_resumed_with_a_range_request(host, authors_bytes, monkeypatch):
-    monkeypatch.setattr("model.download.time.sleep", lambda s: None)
+    monkeypatch.setattr("model.weights.download.time.sleep", lambda s: None)
     host.files["/SelaVPR_msls.pth"] = authors_bytes
     host.cut_once.add("/SelaVPR_msls.pth")
 
@@ -212,7 +212,7 @@ def test_a_whole_part_answered_416_is_installed(host, authors_bytes):
 
 
 def test_a_server_that_ignores_range_restarts_from_zero(host, authors_bytes, monkeypatch):
-    monkeypatch.setattr("model.download.time.sleep", lambda s: None)
+    monkeypatch.setattr("model.weights.download.time.sleep", lambda s: None)
     host.files["/SelaVPR_msls.pth"] = authors_bytes
     host.cut_once.add("/SelaVPR_msls.pth")
     host.ignore_range = True

@@ -11,10 +11,10 @@ from bench.shared_dataset import make_dataset
 from index_builder.evaluate import EvalConfig, evaluate
 from model.config import LocalMode
 from model.datasets import VPRSplit
-from model.loading import load_model
 from model.preprocess import Preprocessing, ResizeMode
 from model.training.loop import TrainConfig, prepare_model, train, training_loss
 from model.training.mining import TripletMiner
+from model.weights.loading import load_model
 from tests.helpers import dinov2_checkpoint, tiny_checkpoint, tiny_model
 
 

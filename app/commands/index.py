@@ -31,7 +31,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--local-dtype", choices=LOCAL_DTYPES, default=DEFAULT_LOCAL_DTYPE, help="stored local features"
     )
-    build.add_argument("--shard-size", type=positive_int, default=256, help="images per feature shard")
+    build.add_argument(
+        "--segment-size", type=positive_int, default=256, help="images per feature segment (stored files)"
+    )
+    # the old name of --segment-size, accepted with a warning
+    build.add_argument(
+        "--shard-size",
+        dest="segment_size",
+        type=positive_int,
+        default=argparse.SUPPRESS,
+        action=_DeprecatedAlias,
+        help=argparse.SUPPRESS,
+    )
     build.add_argument(
         "--shards",
         type=positive_int,
@@ -75,6 +86,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     status.set_defaults(run=run_status)
 
 
+class _DeprecatedAlias(argparse.Action):
+    """Stores like the option it stands for, and says which that is."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{option_string} is deprecated; use --segment-size", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(
         references=args.references,
@@ -87,7 +106,7 @@ def run_build(args: argparse.Namespace) -> int:
         model_dtype=args.model_dtype,
         full=args.full,
         batch_size=args.batch_size,
-        shard_size=args.shard_size,
+        segment_size=args.segment_size,
         decode_workers=args.decode_workers,
         local_dtype=args.local_dtype,
         global_index=GlobalIndexConfig(kind=args.global_index),

@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from app.main import create_app
     from app.protocol import deadline_protocol
     from app.settings import check_exposure
-    from model.loading import resolve_checkpoint
-    from model.registry import is_registered
+    from model.weights.loading import resolve_checkpoint
+    from model.weights.registry import is_registered
 
     limit_arenas()
     return_large_blocks()

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from app.commands.common import positive_int, print_json
 from index_builder.evaluate import EvalConfig, evaluate
-from model.checkpoints import CheckpointFormat, CheckpointInfo, LoadedModel, fingerprint
 from model.config import LocalMode
 from model.extractor import FeatureExtractor
 from model.selavpr import SelaVPR
 from model.training.loop import TrainConfig, Validate, train
+from model.weights.checkpoints import CheckpointInfo, LoadedModel
+from model.weights.formats import CheckpointFormat
+from model.weights.project_format import fingerprint
 
 
 def register(sub: argparse._SubParsersAction) -> None:

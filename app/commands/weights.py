@@ -9,10 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from app.commands.common import print_json
-from model.checkpoints import CONFIG_FILE, save_checkpoint
-from model.default_weights import ensure_default_weights
-from model.loading import load_model
-from model.named_checkpoints import (
+from model.weights.default import ensure_default_weights
+from model.weights.loading import load_model
+from model.weights.named import (
     MIRROR_ENV,
     CachedCheckpoint,
     fetch,
@@ -21,7 +20,8 @@ from model.named_checkpoints import (
     mirror_url,
     part_path,
 )
-from model.registry import REGISTRY, RegistryEntry, get_entry
+from model.weights.project_format import CONFIG_FILE, save_checkpoint
+from model.weights.registry import REGISTRY, RegistryEntry, get_entry
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,9 +1,9 @@
-"""The index on disk: immutable feature shards shared by versions, versions published by a pointer swap.
+"""The index on disk: immutable feature segments shared by versions, versions published by a pointer swap.
 
     INDEX_DIR/
       CURRENT                  the published version's name, replaced atomically
       versions/v000007/        manifest.json, global.faiss, meta.sqlite      (versions.py, metadata.py)
-      shards/s-<id>/           meta.json, global.npy, local.npy, scale.npy   (shards.py, codec.py)
+      segments/g-<id>/         meta.json, global.npy, local.npy, scale.npy   (segments.py, codec.py)
       .build.lock              held by the one build running                 (maintenance.py)
 
 The manifest format lives in index_builder/manifest.py. Everything a caller needs is importable from here.
@@ -21,7 +21,15 @@ from index_builder.store.maintenance import (
     remove_unfinished,
 )
 from index_builder.store.metadata import ImageRecord
-from index_builder.store.shards import SHARDS, ShardFiles, ShardImage, read_shard_meta, write_shard
+from index_builder.store.segments import (
+    SEGMENT_FOLDERS,
+    SEGMENTS,
+    SegmentFiles,
+    SegmentImage,
+    read_segment_meta,
+    segment_dir,
+    write_segment,
+)
 from index_builder.store.versions import (
     VERSIONS,
     IndexVersion,
@@ -36,7 +44,8 @@ __all__ = [
     "DEFAULT_LOCAL_DTYPE",
     "LOCAL_DTYPES",
     "LOCK",
-    "SHARDS",
+    "SEGMENTS",
+    "SEGMENT_FOLDERS",
     "VERSIONS",
     "BuildInProgress",
     "BuildLock",
@@ -44,8 +53,8 @@ __all__ = [
     "IndexNotFound",
     "IndexStoreError",
     "IndexVersion",
-    "ShardFiles",
-    "ShardImage",
+    "SegmentFiles",
+    "SegmentImage",
     "StoredMaps",
     "build_running",
     "collect_garbage",
@@ -54,9 +63,10 @@ __all__ = [
     "encode_local",
     "now_iso",
     "publish_version",
-    "read_shard_meta",
+    "read_segment_meta",
     "remove_unfinished",
+    "segment_dir",
     "sha256_file",
     "version_names",
-    "write_shard",
+    "write_segment",
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from index_builder.errors import BuildInProgress, IndexNotFound
 from index_builder.manifest import IndexManifest
-from index_builder.store.shards import SHARDS, TMP_PREFIX
+from index_builder.store.segments import SEGMENT_FOLDERS, TMP_PREFIX
 from index_builder.store.versions import CURRENT, VERSIONS, current_version_name, version_names
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def build_running(index_dir: Path) -> bool:
 
 def remove_unfinished(index_dir: Path) -> None:
     """After a crash: staging directories, and versions written but never published. Needs the lock."""
-    for parent in (index_dir / SHARDS, index_dir / VERSIONS):
+    for parent in (*(index_dir / f for f in SEGMENT_FOLDERS), index_dir / VERSIONS):
         if parent.is_dir():
             for entry in parent.iterdir():
                 if entry.name.startswith(TMP_PREFIX):
@@ -86,40 +86,41 @@ def remove_unfinished(index_dir: Path) -> None:
 @dataclass
 class Removed:
     versions: list[str] = field(default_factory=list)
-    shards: list[str] = field(default_factory=list)
+    segments: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
 def collect_garbage(index_dir: Path, grace_seconds: float = DEFAULT_GRACE_SECONDS) -> Removed:
-    """Drop versions superseded more than grace_seconds ago, then shards no remaining version uses.
+    """Drop versions superseded more than grace_seconds ago, then segments no remaining version uses.
     Needs the lock. Readers that opened a dropped version keep working: open files outlive unlinking.
     A version folder without a readable manifest (a removal cut short) is removed unless it is CURRENT;
-    while any kept version is unreadable no shard is removed, since its shards cannot be known."""
+    while any kept version is unreadable no segment is removed, since its segments cannot be known."""
     current = current_version_name(index_dir)
     removed = Removed()
     for older, newer in itertools.pairwise(version_names(index_dir)):
         if older != current and time.time() - _created_at(index_dir / VERSIONS / newer) > grace_seconds:
             shutil.rmtree(index_dir / VERSIONS / older, ignore_errors=True)
             removed.versions.append(older)
-    kept_shards: set[str] = set()
-    shards_known = True
+    kept_segments: set[str] = set()
+    segments_known = True
     for name in version_names(index_dir):
         try:
-            kept_shards |= {s.name for s in IndexManifest.read(index_dir / VERSIONS / name).shards}
+            kept_segments |= {s.name for s in IndexManifest.read(index_dir / VERSIONS / name).segments}
         except IndexNotFound as exc:
             if name == current:
-                shards_known = False
+                segments_known = False
                 removed.problems.append(f"the published version is unreadable: {exc}")
             else:
                 shutil.rmtree(index_dir / VERSIONS / name, ignore_errors=True)
                 removed.versions.append(name)
                 log.warning("removed version folder %s: %s", name, exc)
-    shards_dir = index_dir / SHARDS
-    if shards_known and shards_dir.is_dir():
-        for entry in shards_dir.iterdir():
-            if not entry.name.startswith(TMP_PREFIX) and entry.name not in kept_shards:
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.shards.append(entry.name)
+    for folder in SEGMENT_FOLDERS:
+        segments_dir = index_dir / folder
+        if segments_known and segments_dir.is_dir():
+            for entry in segments_dir.iterdir():
+                if not entry.name.startswith(TMP_PREFIX) and entry.name not in kept_segments:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.segments.append(entry.name)
     return removed
 
 

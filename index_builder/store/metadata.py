@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 METADATA_FILE = "meta.sqlite"
+LEGACY_SEGMENT_COLUMN = "shard"  # the `segment` column of versions written before the rename
 
 
 @dataclass
@@ -27,7 +28,7 @@ class ImageRecord:
     location_source: str | None
     exif_location: str | None  # JSON; kept so that unchanged images keep it without being reopened
     added_at: str
-    shard: str
+    segment: str  # the feature segment holding its features, at `row`
     row: int
     name: str | None = None  # display name: the uploaded file's own name, else None (use `path`)
 
@@ -42,7 +43,7 @@ CREATE TABLE images (
     id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, content_hash TEXT NOT NULL,
     file_size INTEGER, mtime_ns INTEGER, width INTEGER, height INTEGER,
     lat REAL, lon REAL, utm_east REAL, utm_north REAL, utm_zone TEXT, location_source TEXT,
-    exif_location TEXT, added_at TEXT NOT NULL, shard TEXT NOT NULL, row INTEGER NOT NULL, name TEXT
+    exif_location TEXT, added_at TEXT NOT NULL, segment TEXT NOT NULL, row INTEGER NOT NULL, name TEXT
 );
 CREATE INDEX images_hash ON images (content_hash);
 """
@@ -72,4 +73,12 @@ def open_metadata(path: Path) -> sqlite3.Connection:
 def record_of(row: sqlite3.Row) -> ImageRecord:
     """A row -> a record; versions written before a column existed read it as None."""
     data = dict(row)
+    if LEGACY_SEGMENT_COLUMN in data:
+        data["segment"] = data.pop(LEGACY_SEGMENT_COLUMN)
     return ImageRecord(**{c: data.get(c) for c in COLUMNS})
+
+
+def segment_column(db: sqlite3.Connection) -> str:
+    """The column naming each image's segment: `segment`, or `shard` in versions from before the rename."""
+    columns = {r[1] for r in db.execute("PRAGMA table_info(images)")}
+    return LEGACY_SEGMENT_COLUMN if LEGACY_SEGMENT_COLUMN in columns else "segment"

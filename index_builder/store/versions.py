@@ -25,9 +25,16 @@ from index_builder.global_index import read_global_index, write_global_index
 from index_builder.manifest import MANIFEST_FILE, IndexManifest
 from index_builder.store.codec import decode_local, decode_local_on
 from index_builder.store.files import fsync_dir, fsync_file, fsync_tree, now_iso, sha256_file
-from index_builder.store.metadata import METADATA_FILE, ImageRecord, open_metadata, record_of, write_metadata
+from index_builder.store.metadata import (
+    METADATA_FILE,
+    ImageRecord,
+    open_metadata,
+    record_of,
+    segment_column,
+    write_metadata,
+)
 from index_builder.store.resident import ResidentCandidates, ResidentMaps
-from index_builder.store.shards import SHARDS, TMP_PREFIX, ShardFiles
+from index_builder.store.segments import TMP_PREFIX, SegmentFiles, segment_dir
 
 CURRENT = "CURRENT"
 VERSIONS = "versions"
@@ -110,21 +117,22 @@ class IndexVersion:
                 else None
             )
             self.db = open_metadata(self.dir / METADATA_FILE)
-            locations = self.db.execute("SELECT shard, row FROM images ORDER BY id").fetchall()
-            self.shard_names = sorted({r["shard"] for r in locations})
-            shards = [ShardFiles(index_dir / SHARDS / s) for s in self.shard_names]
+            column = segment_column(self.db)
+            locations = self.db.execute(f"SELECT {column} AS segment, row FROM images ORDER BY id").fetchall()
+            self.segment_names = sorted({r["segment"] for r in locations})
+            segments = [SegmentFiles(segment_dir(index_dir, s)) for s in self.segment_names]
         except (RuntimeError, sqlite3.Error, OSError, ValueError) as exc:  # faiss raises RuntimeError
             raise IndexStoreError(
                 f"version {name} is damaged ({type(exc).__name__}); rebuild the index"
             ) from None
-        shard_index = {s: i for i, s in enumerate(self.shard_names)}
-        # id -> (shard, row): 8 bytes per image, all a search needs to find an image's local features
-        self.id_shard = np.array([shard_index[r["shard"]] for r in locations], dtype=np.int32)
+        segment_index = {s: i for i, s in enumerate(self.segment_names)}
+        # id -> (segment, row): 8 bytes per image, all a search needs to find an image's local features
+        self.id_segment = np.array([segment_index[r["segment"]] for r in locations], dtype=np.int32)
         self.id_row = np.array([r["row"] for r in locations], dtype=np.int32)
-        self.shards = shards
+        self.segments = segments
         self.resident: ResidentMaps | None = None  # make_resident: the local maps in a GPU's memory
         # a version dropped without close() (a server swapping in a newer one) still releases its files
-        self._finalizer = weakref.finalize(self, _close_version, self.shards, self.db)
+        self._finalizer = weakref.finalize(self, _close_version, self.segments, self.db)
 
     @classmethod
     def open_current(cls, index_dir: str | os.PathLike, load_global: bool = True) -> IndexVersion:
@@ -167,28 +175,28 @@ class IndexVersion:
 
     def stored_local_bytes(self) -> int:
         """Bytes of the stored local arrays (values and scales) of all images."""
-        if not self.shards:
+        if not self.segments:
             return 0
         h, w, channels = self.identity.local_shape
-        shard = self.shards[0]
-        per_image = h * w * channels * shard.local.dtype.itemsize
-        if shard.scale is not None:
-            per_image += h * w * shard.scale.dtype.itemsize
+        segment = self.segments[0]
+        per_image = h * w * channels * segment.local.dtype.itemsize
+        if segment.scale is not None:
+            per_image += h * w * segment.scale.dtype.itemsize
         return per_image * len(self)
 
     def read_stored(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
         """The stored local arrays of these images (values, scales or None), in the given order."""
         ids = np.asarray(ids, dtype=np.int64)
-        shard0 = self.shards[0] if self.shards else None
+        first = self.segments[0] if self.segments else None
         values = np.empty(
-            (len(ids), *self.identity.local_shape), dtype=shard0.local.dtype if shard0 else np.float32
+            (len(ids), *self.identity.local_shape), dtype=first.local.dtype if first else np.float32
         )
         scales = None
-        if shard0 is not None and shard0.scale is not None:
-            scales = np.empty((len(ids), *self.identity.local_shape[:-1]), dtype=shard0.scale.dtype)
-        for shard in np.unique(self.id_shard[ids]):
-            where = np.nonzero(self.id_shard[ids] == shard)[0]
-            v, s = self.shards[shard].read_stored(self.id_row[ids[where]])
+        if first is not None and first.scale is not None:
+            scales = np.empty((len(ids), *self.identity.local_shape[:-1]), dtype=first.scale.dtype)
+        for segment in np.unique(self.id_segment[ids]):
+            where = np.nonzero(self.id_segment[ids] == segment)[0]
+            v, s = self.segments[segment].read_stored(self.id_row[ids[where]])
             values[where] = v
             if scales is not None:
                 scales[where] = s
@@ -203,9 +211,9 @@ class IndexVersion:
         self._finalizer()
 
 
-def _close_version(shards: list[ShardFiles], db: sqlite3.Connection) -> None:
-    for shard in shards:
-        shard.close()
+def _close_version(segments: list[SegmentFiles], db: sqlite3.Connection) -> None:
+    for segment in segments:
+        segment.close()
     db.close()
 
 

@@ -20,15 +20,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.checkpoints import LoadedModel, safe_torch_load, save_checkpoint
 from model.config import LocalMode
 from model.datasets import VPRSplit
 from model.extractor import resolve_device
-from model.loading import load_model
 from model.matching import local_triplet_loss
 from model.preprocess import Preprocessing, ResizeMode, square
 from model.selavpr import SelaVPR
 from model.training.mining import TrainingTuple, TripletMiner
+from model.weights.checkpoints import LoadedModel
+from model.weights.loading import load_model
+from model.weights.project_format import save_checkpoint
+from model.weights.unpickle import safe_torch_load
 
 log = logging.getLogger(__name__)
 

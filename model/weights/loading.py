@@ -8,10 +8,10 @@ from dataclasses import replace
 
 import torch
 
-from model.checkpoints import LoadedModel, load_checkpoint
-from model.default_weights import ensure_default_weights
-from model.named_checkpoints import ensure_cached
-from model.registry import get_entry, is_registered
+from model.weights.checkpoints import LoadedModel, load_checkpoint
+from model.weights.default import ensure_default_weights
+from model.weights.named import ensure_cached
+from model.weights.registry import get_entry, is_registered
 
 DEFAULT_CHECKPOINT = "default"
 
@@ -20,7 +20,7 @@ def resolve_checkpoint(spec: str | os.PathLike) -> str | os.PathLike:
     """A name -> the file or directory holding it; a path is returned as it is.
 
     Names win over a file of the same name in the working directory; write `./NAME` for the file.
-    A registry name is downloaded and cached on first use (model.named_checkpoints), then verified."""
+    A registry name is downloaded and cached on first use (model.weights.named), then verified."""
     if str(spec) == DEFAULT_CHECKPOINT:
         return ensure_default_weights()
     if is_registered(spec):

@@ -9,7 +9,7 @@ A connection that cannot be made at all writes nothing. Concurrent fetches of on
 (`weights/.locks/<name>.lock`).
 
 Checks before a file is cached: the byte count announced by the server, the registry's size and sha256
-where it has them, then the safe loader (model.checkpoints.load_checkpoint: no arbitrary unpickling, a
+where it has them, then the safe loader (model.weights.checkpoints.load_checkpoint: no arbitrary unpickling, a
 known layout, consistent shapes) and the format the registry expects. Where the registry has no sha256 the
 first download's is recorded, and every later load compares the file against it.
 """
@@ -28,11 +28,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from model.cache import cache_dir
-from model.checkpoints import load_checkpoint
-from model.download import download
 from model.errors import CheckpointError, DownloadError
-from model.registry import RegistryEntry
+from model.weights.cache import cache_dir
+from model.weights.checkpoints import load_checkpoint
+from model.weights.download import download
+from model.weights.registry import RegistryEntry
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class DownloadRecord:
     size_bytes: int
     sha256: str
     sha256_source: str  # SHA256_FROM_REGISTRY or SHA256_FROM_FIRST_DOWNLOAD
-    fingerprint: str  # over the tensors (model.checkpoints.fingerprint)
+    fingerprint: str  # over the tensors (model.weights.project_format.fingerprint)
     fetched_at: str
 
     @classmethod

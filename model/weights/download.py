@@ -5,8 +5,8 @@ where it stopped (up to `retries` times in one call); a `.part` left by an earli
 way. Beside it, `<part>.json` keeps the URL and the server's validator (ETag or Last-Modified), sent as
 If-Range so that a file changed upstream restarts from zero instead of being spliced. A server that
 ignores Range (200 instead of 206) also restarts from zero. Google Drive's confirmation page is followed
-(model.gdrive).
-Checking what arrived (size, hash, loader) is the caller's job: model.named_checkpoints.
+(model.weights.gdrive).
+Checking what arrived (size, hash, loader) is the caller's job: model.weights.named.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from tqdm import tqdm
 
 from model.errors import DownloadError
-from model.gdrive import confirmation_url, page_title
+from model.weights.gdrive import confirmation_url, page_title
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.cache import cache_dir
-from model.checkpoints import CONFIG_FILE, WEIGHTS_FILE, build_model, save_checkpoint
 from model.config import SelaVPRConfig, vit_config
 from model.errors import CheckpointError
+from model.weights.cache import cache_dir
+from model.weights.checkpoints import build_model
+from model.weights.project_format import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
 
 log = logging.getLogger(__name__)
 

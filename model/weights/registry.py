@@ -1,7 +1,8 @@
 """Named checkpoints, as data: where each file comes from, its licence, what it is, what to check it against.
 
-`--checkpoint NAME` resolves through this table (model.loading); model.download fetches, verifies and
-caches the file under `cache_dir()/weights/NAME/`. A mirror serves every file as `<mirror>/<filename>`.
+`--checkpoint NAME` resolves through this table (model.weights.loading); model.weights.download fetches,
+verifies and caches the file under `cache_dir()/weights/NAME/`. A mirror serves every file as
+`<mirror>/<filename>`.
 
 Sizes and hashes: neither the authors nor DINOv2 publish a sha256 or byte size for these files, and none
 could be downloaded where this table was written, so both are `None` ("unknown") rather than guessed. The
@@ -14,12 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.checkpoints import CheckpointFormat
 from model.errors import CheckpointError
+from model.weights.formats import CheckpointFormat
 
 DINOV2_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 # The form a browser's "download anyway" link takes; large files answer it with a confirmation page
-# (model.download handles it).
+# (model.weights.download handles it).
 DRIVE_DOWNLOAD_URL = "https://drive.google.com/uc?export=download&id={file_id}"
 
 SELAVPR_LICENCE = (

@@ -1,10 +1,13 @@
-"""Feature shards: immutable directories of encoded images, shared by every version that uses them.
+"""Feature segments: immutable directories of encoded images, shared by every version that uses them.
 
-    shards/s-<id>/  meta.json, global.npy (N, D) float32, local.npy, scale.npy (int8 only)
+    segments/g-<id>/  meta.json, global.npy (N, D) float32, local.npy, scale.npy (int8 only)
 
-A shard is written into `shards/.tmp-<id>/` and renamed into place when complete, so a shard directory
-either is whole or does not exist. A shard left by a killed build is reused by the next one through the
-content hashes in its meta.json.
+A segment is written into `segments/.tmp-<id>/` and renamed into place when complete, so a segment
+directory either is whole or does not exist. A segment left by a killed build is reused by the next one
+through the content hashes in its meta.json.
+
+Indexes written before segments had their name keep them in `shards/s-<id>/`; a segment's name says
+which of the two folders holds it (`segment_dir`), so old versions open and their features are reused.
 """
 
 from __future__ import annotations
@@ -20,17 +23,26 @@ from typing import Any
 import numpy as np
 
 from index_builder.errors import IndexStoreError
-from index_builder.manifest import FORMAT, FORMAT_VERSION, EncodingIdentity, ShardEntry
+from index_builder.manifest import FORMAT, FORMAT_VERSION, EncodingIdentity, SegmentEntry
 from index_builder.store.codec import decode_local
 from index_builder.store.files import fsync_dir, fsync_tree, sha256_file, write_json
 
-SHARDS = "shards"
+SEGMENTS = "segments"
+LEGACY_SEGMENTS = "shards"  # the folder of segments written before the rename ("s-" names)
+SEGMENT_FOLDERS = (SEGMENTS, LEGACY_SEGMENTS)
+_LEGACY_PREFIX = "s-"
 TMP_PREFIX = ".tmp-"
 META_FILE = "meta.json"
 
 
+def segment_dir(index_dir: Path, name: str) -> Path:
+    """Where the segment called `name` lives in an index directory."""
+    folder = LEGACY_SEGMENTS if name.startswith(_LEGACY_PREFIX) else SEGMENTS
+    return index_dir / folder / name
+
+
 @dataclass
-class ShardImage:
+class SegmentImage:
     content_hash: str
     width: int
     height: int
@@ -38,25 +50,25 @@ class ShardImage:
 
 
 @dataclass
-class ShardMeta:
+class SegmentMeta:
     encoding: EncodingIdentity
-    images: list[ShardImage]
+    images: list[SegmentImage]
     files: dict[str, str]
 
-    def entry(self, name: str) -> ShardEntry:
-        return ShardEntry(name=name, count=len(self.images), files=dict(self.files))
+    def entry(self, name: str) -> SegmentEntry:
+        return SegmentEntry(name=name, count=len(self.images), files=dict(self.files))
 
 
-def write_shard(
-    shards_dir: Path,
+def write_segment(
+    segments_dir: Path,
     identity: EncodingIdentity,
-    images: Sequence[ShardImage],
+    images: Sequence[SegmentImage],
     arrays: dict[str, np.ndarray],
 ) -> str:
-    """Write one shard (arrays: `global` and the `encode_local` output) aside, then rename it into
+    """Write one segment (arrays: `global` and the `encode_local` output) aside, then rename it into
     place. Returns its name."""
-    name = f"s-{uuid.uuid4().hex[:16]}"
-    staging = shards_dir / f"{TMP_PREFIX}{name}"
+    name = f"g-{uuid.uuid4().hex[:16]}"
+    staging = segments_dir / f"{TMP_PREFIX}{name}"
     staging.mkdir(parents=True)
     files = {}
     for key, array in arrays.items():
@@ -73,33 +85,33 @@ def write_shard(
     }
     write_json(staging / META_FILE, meta)
     fsync_tree(staging)
-    staging.rename(shards_dir / name)
-    fsync_dir(shards_dir)
+    staging.rename(segments_dir / name)
+    fsync_dir(segments_dir)
     return name
 
 
-def read_shard_meta(shard_dir: Path) -> ShardMeta | None:
-    """A complete shard's description; None for anything unreadable (it is then neither reused nor
+def read_segment_meta(segment_dir: Path) -> SegmentMeta | None:
+    """A complete segment's description; None for anything unreadable (it is then neither reused nor
     trusted)."""
     try:
-        data = json.loads((shard_dir / META_FILE).read_text())
-        return ShardMeta(
+        data = json.loads((segment_dir / META_FILE).read_text())
+        return SegmentMeta(
             encoding=EncodingIdentity.from_dict(data["encoding"]),
-            images=[ShardImage(**image) for image in data["images"]],
+            images=[SegmentImage(**image) for image in data["images"]],
             files=dict(data["files"]),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-class ShardFiles:
-    """One shard's arrays, read row by row with pread: nothing is mapped into the process, so resident
+class SegmentFiles:
+    """One segment's arrays, read row by row with pread: nothing is mapped into the process, so resident
     memory does not grow with the rows a server has touched."""
 
-    def __init__(self, shard_dir: Path) -> None:
-        self.dir = shard_dir
-        self.local = NpyRows(shard_dir / "local.npy")
-        scale = shard_dir / "scale.npy"
+    def __init__(self, segment_dir: Path) -> None:
+        self.dir = segment_dir
+        self.local = NpyRows(segment_dir / "local.npy")
+        scale = segment_dir / "scale.npy"
         self.scale = NpyRows(scale) if scale.exists() else None
 
     def read_stored(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -134,7 +146,7 @@ class NpyRows:
         for i, row in enumerate(rows):
             data = os.pread(self.fd, self.row_bytes, self.offset + int(row) * self.row_bytes)
             if len(data) != self.row_bytes:
-                raise IndexStoreError(f"shard file truncated at row {row}")
+                raise IndexStoreError(f"segment file truncated at row {row}")
             flat[i] = np.frombuffer(data, dtype=np.uint8)
         return out
 
