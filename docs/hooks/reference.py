@@ -29,7 +29,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:  # MkDocs hook
 def iter_commands(
     parser: argparse.ArgumentParser, prefix: str = "selavpr"
 ) -> Iterator[tuple[str, argparse.ArgumentParser, str | None]]:
-    """(full command name, parser, its help line) of every sub-command, depth first, in the order they are registered."""
+    """(full command name, parser, its help line) of every sub-command, depth first, in registration order."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             helps = {choice.dest: choice.help for choice in action._choices_actions}
