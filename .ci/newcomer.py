@@ -1,10 +1,13 @@
-"""The newcomer path, as the README tells it: `make serve` on a fresh clone, then real HTTP.
+"""The newcomer path, as the README tells it: `make serve` on a fresh clone, real HTTP, then the README's
+own commands for localizing against your own photos.
 
 Starts `make serve` (which installs the product with its own dependencies only, converts the default
 weights and serves) on a free loopback port with a temporary data folder; waits for /healthz; adds
 reference photos with locations over HTTP; rebuilds; localizes a photo of one of those places and checks
-the answer; stops the server. Bounded in time; on failure the server log is printed. Standard library
-only: it runs before anything of the project is installed.
+the answer; stops the server. Then it reads the `selavpr` commands from the README's "Localize against
+your own photos" block and runs them as written in a folder laid out as that section says (photos and a
+`locations.csv` in its format), and checks the printed answer. Bounded in time; on failure the server log
+is printed. Standard library only: it runs before anything of the project is installed.
 
     python3 .ci/newcomer.py [--shared-data ../shared/data] [--timeout 1500]
 """
@@ -14,6 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "newcomer-key"
 PLACES = ("p0", "p2", "p4", "p6", "p8")  # views i0, i1 become references; i2 is the query of p4
+README_SECTION = "## Localize against your own photos"
 
 
 def free_port() -> int:
@@ -128,13 +135,56 @@ def newcomer_path(base: str, shared: Path, deadline: float, server: subprocess.P
     )
 
 
+def readme_commands() -> list[list[str]]:
+    """The `selavpr` command lines of the README's first bash block under README_SECTION, as written."""
+    text = (REPO / "README.md").read_text()
+    assert README_SECTION in text, f"the README has no section {README_SECTION!r}"
+    section = text.split(README_SECTION, 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, f"no bash block under {README_SECTION!r}"
+    assert "path,lat,lon" in block.group(1), "the README's locations.csv header changed"
+    commands = [shlex.split(line) for line in block.group(1).splitlines() if "bin/selavpr " in line]
+    assert [c[1:3] for c in commands] == [["index", "build"], ["localize", "query.jpg"]], commands
+    return commands
+
+
+def readme_cli_path(shared: Path, workdir: Path, env: dict, deadline: float) -> None:
+    """The README's commands, run in a folder laid out as it says: photos/ with a locations.csv, query.jpg."""
+    photos = workdir / "photos"
+    photos.mkdir(parents=True)
+    rows = ["path,lat,lon"]
+    for k, place in enumerate(PLACES):
+        for view in ("i0", "i1"):
+            name = f"{place}-{view}.jpg"
+            shutil.copy(_view(shared, place, view), photos / name)
+            rows.append(f"{name},{48.8584 + 0.001 * k:.6f},2.294500")
+    (photos / "locations.csv").write_text("\n".join(rows) + "\n")
+    shutil.copy(_view(shared, "p4", "i2"), workdir / "query.jpg")
+    outputs = []
+    for command in readme_commands():
+        argv = [str(REPO / command[0]), *command[1:]]  # .venv/bin/selavpr of this clone, as the README says
+        timeout = max(deadline - time.monotonic(), 1)
+        done = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{' '.join(command)} exited {done.returncode}: {done.stderr[-4000:]}"
+        outputs.append(done.stdout)
+        print(f"README: {' '.join(command)} -> exit 0")
+    report = json.loads(outputs[0].strip().splitlines()[-1])
+    assert report["total"] == 2 * len(PLACES) and report["skipped"] == 0, report
+    answer = json.loads(outputs[1])
+    top = answer["matches"][0]
+    assert top["name"].startswith("p4-"), f"top match {top['name']} is not a view of p4"
+    assert abs(answer["location"]["lat"] - (48.8584 + 0.002)) < 1e-6, answer["location"]
+    print(f"README: localize query.jpg -> {top['name']}, confidence {answer['location']['confidence']}")
+
+
 def _view(shared: Path, place: str, view: str) -> Path:
     return next((shared / "matching_triplets" / place / view).glob("*.jpg"))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shared-data", type=Path, default=REPO.parent / "shared" / "data")
+    shared = os.environ.get("SELAVPR_SHARED_DATA", REPO.parent / "shared" / "data")
+    parser.add_argument("--shared-data", type=Path, default=Path(shared))
     parser.add_argument("--timeout", type=float, default=1500, help="seconds for the whole path")
     args = parser.parse_args()
     deadline = time.monotonic() + args.timeout
@@ -162,6 +212,8 @@ def main() -> int:
             )
             try:
                 newcomer_path(f"http://127.0.0.1:{port}", args.shared_data, deadline, server)
+                _stop(server)
+                readme_cli_path(args.shared_data, Path(tmp) / "own-photos", env, deadline)
             except (AssertionError, SystemExit, Exception) as exc:
                 print(
                     f"NEWCOMER PATH FAILED: {type(exc).__name__}: {exc}\n--- server log ---", file=sys.stderr

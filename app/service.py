@@ -76,7 +76,7 @@ class VPRService:
         # Two lanes, each with its own worker thread: queries re-ranking more than heavy_rerank_k candidates
         # (and whole requests of them) wait and run in the heavy lane, so an ordinary query never waits
         # for their batches; the two share the cores while both run. One lane measured 7.1x the idle p95
-        # for ordinary queries beside 16 clients of rerank_k=1000 batches (README "HTTP service").
+        # for ordinary queries beside 16 clients of rerank_k=1000 batches (docs/benchmarks.md).
         self.batcher, self.heavy = self._lane(), self._lane()
         self.decode_budget = MemoryBudget(settings.decode_memory_bytes)
 

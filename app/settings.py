@@ -23,18 +23,26 @@ log = logging.getLogger(__name__)
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SELAVPR_", extra="ignore")
 
-    index_dir: Path = Path("data/index")
-    references: Path = Path("data/references")
-    checkpoint: str = "default"
-    device: str = "auto"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    image_size: int | None = None  # None: the checkpoint's (224 for the released ones)
-    local_mode: str | None = None
-    # a block index or "final"; None: the checkpoint's default (README "Training-free descriptors")
-    feature_block: FeatureBlock | None = None
-    model_dtype: str = "float32"  # the model forward: float32, bfloat16 or float16 (autocast)
-    precision: str | None = None  # MNN precision; None: the device's default
+    index_dir: Path = Field(Path("data/index"), description="the index: published versions and feature files")
+    references: Path = Field(
+        Path("data/references"), description="the reference photos (uploads go here too)"
+    )
+    checkpoint: str = Field("default", description="'default', a named checkpoint or a path")
+    device: str = Field("auto", description="cpu, cuda or auto (CUDA when present)")
+    host: str = Field("127.0.0.1", description="address to listen on; beyond loopback an API key is required")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+    image_size: int | None = Field(None, description="input side in pixels; unset: the checkpoint's (224)")
+    local_mode: str | None = Field(
+        None,
+        description="local_head or patch_tokens; unset: local_head where the checkpoint has a trained one",
+    )
+    feature_block: FeatureBlock | None = Field(
+        None, description="a block index or 'final'; unset: the checkpoint's default (docs: model)"
+    )
+    model_dtype: str = Field(
+        "float32", description="the model forward: float32, bfloat16 or float16 (autocast)"
+    )
+    precision: str | None = Field(None, description="MNN re-ranking precision; unset: the device's default")
     resident_maps_bytes: int = Field(
         16 * 1024 * MIB,
         ge=0,
@@ -45,14 +53,14 @@ class Settings(BaseSettings):
     max_batch_wait_ms: float = Field(
         0.0, ge=0, le=1000, description="wait this long for more queries; 0: batch only what queued meanwhile"
     )
-    max_upload_bytes: int = Field(25 * MIB, ge=1024)
-    max_images_per_request: int = Field(16, ge=1, le=256)
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    max_upload_bytes: int = Field(25 * MIB, ge=1024, description="bytes per uploaded image (multipart part)")
+    max_images_per_request: int = Field(16, ge=1, le=256, description="images per /localize/batch or upload")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="pixels per image, checked on the header")
 
-    default_top_k: int = Field(DEFAULT_TOP_K, ge=1)
-    max_top_k: int = Field(100, ge=1)
-    default_rerank_k: int = Field(DEFAULT_RERANK_K, ge=1)
-    max_rerank_k: int = Field(1000, ge=1)
+    default_top_k: int = Field(DEFAULT_TOP_K, ge=1, description="matches returned when top_k is not given")
+    max_top_k: int = Field(100, ge=1, description="largest top_k accepted")
+    default_rerank_k: int = Field(DEFAULT_RERANK_K, ge=1, description="candidates re-ranked by default")
+    max_rerank_k: int = Field(1000, ge=1, description="largest rerank_k accepted")
 
     max_parts_per_request: int = Field(
         64, ge=1, le=1024, description="multipart fields per request (images, lat, lon, top_k, ...)"
@@ -83,11 +91,12 @@ class Settings(BaseSettings):
         description="--engine ray: each try of a call to a location shard or the encoder (one retry)",
     )
 
-    api_key: str | None = None  # required in X-API-Key by every state-changing /index call
-    localize_api_key: str | None = None  # required by /localize when set
-    # Only for a trusted network: admin endpoints without a key on a non-loopback address (logged loudly).
-    insecure_open_admin: bool = False
-    root_path: str = ""  # the path prefix a reverse proxy serves us under (uvicorn's --root-path)
+    api_key: str | None = Field(None, description="required in X-API-Key by every state-changing /index call")
+    localize_api_key: str | None = Field(None, description="required in X-API-Key by /localize when set")
+    insecure_open_admin: bool = Field(
+        False, description="trusted networks only: admin endpoints without a key beyond loopback (logged)"
+    )
+    root_path: str = Field("", description="the path prefix a reverse proxy serves under (uvicorn's)")
     max_connections: int = Field(128, ge=1, description="open connections and requests; beyond it 503")
     keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
     head_timeout_s: float = Field(
@@ -96,8 +105,14 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         120.0, gt=0, description="a request body not received in full this long after its head: closed"
     )
-    build_on_start: bool = True  # build when the index is empty and references exist
-    grace_seconds: float = Field(DEFAULT_GRACE_SECONDS, ge=0)
+    build_on_start: bool = Field(
+        True, description="build at start-up when the index is empty and references exist"
+    )
+    grace_seconds: float = Field(
+        DEFAULT_GRACE_SECONDS,
+        ge=0,
+        description="superseded index versions are deleted after this many seconds",
+    )
 
     @field_validator("feature_block", mode="before")
     @classmethod
@@ -105,8 +120,10 @@ class Settings(BaseSettings):
         return None if value is None or value == "" else parse_feature_block(value)
 
     # The web page's map. None: markers and circles on a plain background (works offline).
-    tile_url: str | None = None  # e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png
-    tile_attribution: str | None = None  # shown on the map; required by most tile providers
+    tile_url: str | None = Field(
+        None, description="map tiles, e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png"
+    )
+    tile_attribution: str | None = Field(None, description="shown on the map; most tile providers require it")
 
     @field_validator("precision", mode="before")
     @classmethod

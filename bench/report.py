@@ -1,4 +1,4 @@
-"""Render a bench/rerank.py JSON report as the Markdown tables the README carries.
+"""Render a bench/rerank.py JSON report as the Markdown tables of docs/benchmarks.md.
 
 python -m bench.report results.json
 """

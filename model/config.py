@@ -31,7 +31,7 @@ FeatureBlock = int | Literal["final"]
 
 def training_free_block(depth: int) -> int:
     """The starting point for a plain DINOv2 backbone: the block at about two thirds of its depth (index 8
-    of 12 for ViT-S/B, 16 of 24 for ViT-L, 27 of 40 for ViT-g). Measured on ViT-S only (README)."""
+    of 12 for ViT-S/B, 16 of 24 for ViT-L, 27 of 40 for ViT-g). Measured on ViT-S only (docs/model.md)."""
     return round(2 * depth / 3)
 
 

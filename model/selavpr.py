@@ -60,7 +60,7 @@ class SelaVPR(nn.Module):
         local_mode: LocalMode = LocalMode.LOCAL_HEAD,
         feature_block: FeatureBlock = FINAL,
     ) -> Features:
-        """The paper's network by default; `feature_block` N is the training-free variant (README)."""
+        """The paper's network by default; `feature_block` N is the training-free variant (docs/model.md)."""
         patch_map = self.patch_map(images, feature_block)
         return Features(
             global_desc=self.global_descriptor(patch_map),

@@ -262,7 +262,7 @@ async def test_candidate_budget_and_full_queue(workspace, tiny_ckpt):
 async def test_heavy_queries_cannot_hold_up_ordinary_ones(workspace, tiny_ckpt):
     """Queries over heavy_rerank_k run in their own lane: while one is stuck, ordinary queries are
     answered. With one lane an ordinary query waited for whole expensive batches (7.1x the idle p95 with
-    a 1,024-image index, README); here it would wait for ever."""
+    a 1,024-image index, docs/benchmarks.md); here it would wait for ever."""
     refs, index = workspace
     query = jpeg(refs / "p0" / "i0" / "Image001.jpg")
     async with running(settings_for(refs, index, tiny_ckpt, heavy_rerank_k=200)) as (app, client):

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=feature_block,
         default=None,
         metavar="N|final",
-        help="descriptors from block N's output or 'final' (default: the checkpoint's, see README)",
+        help="descriptors from block N's output or 'final' (default: the checkpoint's, see docs/model.md)",
     )
     blocks.add_argument(
         "--feature-blocks",

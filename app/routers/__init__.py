@@ -1,1 +1,1 @@
-"""One router per resource: localize, index, health."""
+"""One router per resource: web (the page), localize, pairs (why-this-match), index, references, health."""

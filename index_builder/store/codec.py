@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 LOCAL_DTYPES = ("int8", "float16")
-DEFAULT_LOCAL_DTYPE = "int8"  # 0.46 MiB per 61x61x128 map, see README "Local feature storage"
+DEFAULT_LOCAL_DTYPE = "int8"  # 0.46 MiB per 61x61x128 map, see docs/references.md
 
 
 def encode_local(local: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
@@ -23,7 +23,7 @@ def encode_local(local: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
 def decode_local(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
     """Stored arrays -> float32 maps, each position renormalised to unit length as the original was:
     rounding changes lengths a little, and a longer candidate vector would win argmaxes it should not
-    (it cuts the count error by a third, measured in README "Reference index")."""
+    (it cuts the count error by a third, measured in docs/benchmarks.md)."""
     decoded = values.astype(np.float32)
     if scale is not None:
         decoded *= scale.astype(np.float32)[..., None] / 127

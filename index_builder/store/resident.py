@@ -1,7 +1,7 @@
 """A version's local maps held in an accelerator's memory, so that re-ranking on a GPU gathers its
 candidates there: no disk read and no host-to-device copy per query.
 
-Measured on an H200 with a 128-image index (README "GPU check"): a query's re-ranking took 43 ms when
+Measured on an H200 with a 128-image index (docs/benchmarks.md): a query's re-ranking took 43 ms when
 its 100 candidate maps were read from the store and copied over per query, of which the matching itself
 was 15 ms; with the maps resident, 18 ms in all. The compact stored arrays are kept (0.47 MiB per
 61x61x128 int8 map with its scales: about 280,000 maps in 128 GiB), decoded a chunk at a time like

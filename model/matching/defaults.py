@@ -44,7 +44,7 @@ def default_precision(device: torch.device, map_shape: Sequence[int] | None = No
 
     GPUs take float32: there the reductions over each similarity tile bound the engine, not the products,
     and the int8 pass alone was slower than all of float32 (H200, K = 100 at 61x61x128: 25.4 ms against
-    15.2 ms; README "GPU check")."""
+    15.2 ms; docs/benchmarks.md, "GPU check")."""
     if device.type != "cpu":
         return Precision.FLOAT32
     h, w, channels = map_shape or DEFAULT_MAP_SHAPE

@@ -30,7 +30,7 @@ from model.matching.precision import Precision
 FUSED_PRECISIONS = (Precision.BFLOAT16, Precision.FLOAT16, Precision.INT8)
 # Candidate positions per program, query positions per step, warps per program. The best of six shapes
 # on an H200 at K = 100, 61x61x128 (bench.rerank --fused-sweep): 2.67 ms bfloat16 and 2.53 ms int8 per
-# query, against 3.18 / 2.85 ms for 64 x 64 and up to 5.1 ms for the others (README "GPU check").
+# query, against 3.18 / 2.85 ms for 64 x 64 and up to 5.1 ms for the others (docs/benchmarks.md, "GPU check").
 BLOCK_M, BLOCK_N, NUM_WARPS = 128, 64, 4
 
 

@@ -9,10 +9,9 @@
   count comes within the error allowance of the best ones, within a budget (refine.py), so the top of
   the re-ranked list is what float32 gives at close to int8 cost whenever a candidate stands out.
 
-The default (`default_precision`) is int8+float32 on CPUs where int8 matching of the maps at hand runs
-at least 2.5x as fast as float32 (AVX-512 VNNI / AMX, timed once per process and map shape) and float32
-elsewhere, GPUs included: without int8 hardware, or on small maps, int8 saves too little to pay for the
-recounts.
+Which precision runs when none is asked for is decided in defaults.py (the rule and its reasons:
+docs/reranking.md): int8+float32 only where int8 products have fast hardware and the maps are large
+enough for the recounts to pay; exact float32 elsewhere.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ FLOAT_DTYPES = {
 
 
 # How far an int8 count may stray from the float32 count, in units of sqrt(count + 1). The largest seen
-# on the shared images is 2.3 (bench/rerank.py, README); 4 leaves room for other data.
+# on the shared images is 2.3 (bench/rerank.py, docs/benchmarks.md); 4 leaves room for other data.
 INT8_ERROR_SIGMAS = 4.0
 
 
