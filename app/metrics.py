@@ -48,6 +48,25 @@ class Metrics:
             registry=r,
         )
         self.rebuilds = Counter("selavpr_rebuilds", "Finished rebuilds", ["outcome"], registry=r)
+        # Storage faults (app/verifier.py, index_builder/store/space.py)
+        self.disk_full = Counter(
+            "selavpr_disk_full", "Writes refused or failed for want of disk space", ["during"], registry=r
+        )
+        self.index_free_bytes = Gauge(
+            "selavpr_index_disk_free_bytes", "Free bytes on the index folder's file system", registry=r
+        )
+        self.index_intact = Gauge(
+            "selavpr_index_intact", "1: the served version verified intact; 0: damaged", registry=r
+        )
+        self.index_verified_at = Gauge(
+            "selavpr_index_verified_timestamp_seconds", "End of the last verification pass", registry=r
+        )
+        self.index_verify_problems = Gauge(
+            "selavpr_index_verify_problems",
+            "Files missing, unreadable or changed in the served version",
+            registry=r,
+        )
+        self.rollbacks = Counter("selavpr_index_rollbacks", "Automatic rollbacks", registry=r)
         # Location shards served by other processes (`serve --engine ray`): one series per shard.
         self.shard_seconds = Histogram(
             "selavpr_shard_call_seconds",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from app.heap import trim_heap
 from index_builder.builder import BuildConfig, BuildProgress, build_index
 from index_builder.manifest import BuildReport
+from index_builder.store.space import DiskFull, storage_problem
 from model.extractor import FeatureExtractor
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,13 @@ class RebuildManager:
             report = build_index(self.config, extractor=self.extractor, on_progress=self._progress)
         except Exception as exc:  # reported through /index/status; the published version keeps serving
             log.exception("rebuild failed")
-            self.on_finished("failed", time.monotonic() - started)
+            full = isinstance(exc, DiskFull)
+            self.on_finished("disk_full" if full else "failed", time.monotonic() - started)
             # Public (GET /index/status): the kind of failure, not its text (paths); the log has it.
+            # A storage fault is said in words without paths (space free and needed, read-only).
+            problem = storage_problem(exc)
+            if problem:
+                return None, f"rebuild failed: {problem}"
             return None, f"rebuild failed ({type(exc).__name__}); see the server log"
         try:
             self.on_published(report)

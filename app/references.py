@@ -14,6 +14,7 @@ from PIL import Image
 
 from app.errors import ApiError
 from index_builder.locations import LOCATIONS_CSV, append_location_row
+from index_builder.store.files import fsync_dir, fsync_file
 from model.preprocess import open_rgb
 
 UPLOADS = "uploads"
@@ -53,7 +54,7 @@ def write_reference(
     and display name go into uploads/locations.csv."""
     rel = f"{dt.datetime.now(dt.UTC):%Y%m%d}/{uuid.uuid4().hex}{suffix}"
     target = references / UPLOADS / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_dirs_durably(target.parent)
     _write_atomically(target, data)
     if location is not None or name:
         append_location_row(references / UPLOADS / LOCATIONS_CSV, rel, location, name)
@@ -75,15 +76,39 @@ def write_references(
     except BaseException:
         for entry in stored:
             (references / entry["path"]).unlink(missing_ok=True)
-        if csv_before is None:
-            csv.unlink(missing_ok=True)
-        else:
-            _write_atomically(csv, csv_before)
+        _restore(csv, csv_before)
         raise
     return stored
 
 
+def _restore(csv: Path, before: bytes | None) -> None:
+    """The locations file as it was. Rows are only ever appended, so cutting it back to its old length
+    restores it without needing disk space (it may be full: that is often why we are here)."""
+    if before is None:
+        csv.unlink(missing_ok=True)
+        return
+    if csv.exists() and csv.read_bytes().startswith(before):
+        os.truncate(csv, len(before))
+        fsync_file(csv)
+    else:  # its header was rewritten
+        _write_atomically(csv, before)
+
+
+def _make_dirs_durably(folder: Path) -> None:
+    """mkdir -p, each new folder's entry flushed in its parent: a file acknowledged inside it must not
+    vanish with a folder that was never written down."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        fsync_dir(new.parent)
+
+
 def _write_atomically(target: Path, data: bytes) -> None:
+    """Written aside, flushed, renamed into place, the rename flushed: once this returns, the file is
+    on disk under its name (an answered upload survives a crash of the server or the machine)."""
     fd, tmp = tempfile.mkstemp(prefix=".upload-", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -91,6 +116,7 @@ def _write_atomically(target: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

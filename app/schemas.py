@@ -29,6 +29,10 @@ class IndexStatusResponse(BaseModel):
     num_images: int
     last_report: dict[str, Any] | None
     last_error: str | None
+    verification: dict[str, Any] | None = Field(
+        None,
+        description="the last background check of the served version's files (None: not yet run, or off)",
+    )
 
 
 class StoredImage(BaseModel):

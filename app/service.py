@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,13 +19,17 @@ from app.metrics import Metrics
 from app.rebuild import RebuildManager
 from app.reference_images import record_of
 from app.settings import Settings
+from app.verifier import IndexVerifier
 from index_builder.builder import BuildConfig, BuildProgress
 from index_builder.errors import CheckpointMismatch
 from index_builder.results import LocalizeResult
+from index_builder.rollback import rollback
 from index_builder.search import Localizer, Query, prepare_query
 from index_builder.sharding import LocationPrior
 from index_builder.sources import scan_references
-from index_builder.store import IndexNotFound, IndexStoreError, IndexVersion
+from index_builder.store import IndexNotFound, IndexStoreError, IndexVersion, current_version_name
+from index_builder.store.integrity import Verification
+from index_builder.store.space import free_bytes
 from model.errors import SelavprError
 from model.extractor import FeatureExtractor
 from model.preprocess import MemoryBudget
@@ -73,12 +78,15 @@ class VPRService:
         self.localizer: Localizer | None = None
         self.index_problem: str | None = "starting"
         self.rebuilds: RebuildManager | None = None
+        self.verifier: IndexVerifier | None = None
+        self._reload_lock = threading.Lock()  # the verifier and a finished rebuild may both reload
         # Two lanes, each with its own worker thread: queries re-ranking more than heavy_rerank_k candidates
         # (and whole requests of them) wait and run in the heavy lane, so an ordinary query never waits
         # for their batches; the two share the cores while both run. One lane measured 7.1x the idle p95
         # for ordinary queries beside 16 clients of rerank_k=1000 batches (docs/benchmarks.md).
         self.batcher, self.heavy = self._lane(), self._lane()
         self.decode_budget = MemoryBudget(settings.decode_memory_bytes)
+        metrics.index_free_bytes.set_function(lambda: _free_bytes_or_nan(settings.index_dir))
 
     def _lane(self) -> MicroBatcher:
         s = self.settings
@@ -101,6 +109,8 @@ class VPRService:
     async def stop(self) -> None:
         await self.batcher.stop()
         await self.heavy.stop()
+        if self.verifier:
+            await asyncio.to_thread(self.verifier.stop)
         if self.rebuilds:
             self.rebuilds.wait(timeout=5)
 
@@ -119,11 +129,27 @@ class VPRService:
         if self.localizer is None and s.build_on_start and _has_images(s.references):
             log.info("no usable index in %s; building one from %s", s.index_dir, s.references)
             self.rebuilds.request()
+        if s.verify_bytes_per_s > 0:
+            self.verifier = IndexVerifier(
+                s.index_dir,
+                s.verify_bytes_per_s,
+                s.verify_interval_s,
+                served=self.served_version,
+                on_result=self._verified,
+                before_pass=self._follow_current,
+            )
+            self.verifier.start()
 
     # --- the served index ----------------------------------------------------------------------------
 
     def reload_index(self) -> None:
         """Open the published version and serve it (the previous one closes when its last batch ends)."""
+        with self._reload_lock:
+            self._reload_index()
+        if self.verifier is not None:
+            self.verifier.request()
+
+    def _reload_index(self) -> None:
         try:
             version = IndexVersion.open_current(self.settings.index_dir)
         except IndexNotFound as exc:  # its message names no path, only what to do
@@ -150,11 +176,46 @@ class VPRService:
         self.metrics.index_version.info({"version": version.name})
         log.info("serving index %s (%d images)", version.name, len(version))
 
+    # --- verification of the served version ------------------------------------------------------------
+
+    def _follow_current(self) -> None:
+        """Serve what CURRENT names when it names another version (a rollback, a build beside us)."""
+        if self.rebuilds is not None and self.rebuilds.status.state == "running":
+            return  # a build of ours reloads when it publishes
+        published = current_version_name(self.settings.index_dir)
+        if published is not None and published != self.served_version():
+            log.info("CURRENT names %s; loading it", published)
+            self.reload_index()
+
+    def served_version(self) -> str | None:
+        return self.localizer.index.name if self.localizer else None
+
+    def _verified(self, result: Verification) -> None:
+        self.metrics.index_intact.set(1 if result.ok else 0)
+        self.metrics.index_verified_at.set_to_current_time()
+        self.metrics.index_verify_problems.set(len(result.problems))
+        if not result.ok and self.settings.auto_rollback and result.version == self.served_version():
+            try:
+                done = rollback(self.settings.index_dir)
+            except IndexStoreError as exc:
+                log.error("automatic rollback: %s", exc)
+                return
+            log.warning("automatic rollback: serving %s instead of %s", done.current, done.previous)
+            self.metrics.rollbacks.inc()
+            self.reload_index()
+
+    def verification(self) -> Verification | None:
+        """The last pass over the served version (None: none yet, or it was over another version)."""
+        last = self.verifier.last if self.verifier else None
+        return last if last is not None and last.version == self.served_version() else None
+
     def _progress(self, progress: BuildProgress) -> None:
         self.metrics.rebuild_progress.set(progress.done / progress.total if progress.total else 0.0)
 
     def _finished(self, outcome: str, seconds: float) -> None:
         self.metrics.rebuilds.labels(outcome).inc()
+        if outcome == "disk_full":
+            self.metrics.disk_full.labels("rebuild").inc()
         self.metrics.rebuild_seconds.observe(seconds)
         self.metrics.rebuild_progress.set(0.0)
 
@@ -254,6 +315,13 @@ class VPRService:
             [j.rerank_k for j in jobs],
             [j.prior for j in jobs],
         )
+
+
+def _free_bytes_or_nan(path) -> float:
+    try:
+        return float(free_bytes(path))
+    except OSError:
+        return float("nan")
 
 
 def _has_images(references) -> bool:

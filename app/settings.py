@@ -113,6 +113,13 @@ class Settings(BaseSettings):
         ge=0,
         description="superseded index versions are deleted after this many seconds",
     )
+    verify_bytes_per_s: int = Field(
+        32 * MIB, ge=0, description="read rate of the served version's background verification; 0: off"
+    )
+    verify_interval_s: float = Field(30.0, gt=0, description="pause between verification passes")
+    auto_rollback: bool = Field(
+        False, description="serve the newest intact earlier version when the served one is damaged"
+    )
 
     @field_validator("feature_block", mode="before")
     @classmethod

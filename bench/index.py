@@ -39,6 +39,7 @@ from index_builder.store import (
     encode_local,
     now_iso,
     publish_version,
+    read_segment_meta,
     write_segment,
 )
 from model.extractor import FeatureExtractor
@@ -206,7 +207,7 @@ def synthetic_store(index_dir: Path, checkpoint: Path, images: int, segment_size
     block = rng.standard_normal((segment_size, *identity.local_shape)).astype(np.float32)
     block /= np.linalg.norm(block, axis=-1, keepdims=True)
     encoded = encode_local(block, "int8")
-    records, descriptors = [], []
+    records, descriptors, names = [], [], []
     (index_dir / SEGMENTS).mkdir(parents=True, exist_ok=True)
     for start in range(0, images, segment_size):
         count = min(segment_size, images - start)
@@ -215,6 +216,7 @@ def synthetic_store(index_dir: Path, checkpoint: Path, images: int, segment_size
         metas = [SegmentImage(f"synthetic-{start + i}", 640, 480, None) for i in range(count)]
         arrays = {"global": glob, **{k: v[:count] for k, v in encoded.items()}}
         name = write_segment(index_dir / SEGMENTS, identity, metas, arrays)
+        names.append(name)
         descriptors.append(glob)
         for i in range(count):
             records.append(
@@ -252,7 +254,8 @@ def synthetic_store(index_dir: Path, checkpoint: Path, images: int, segment_size
         references="synthetic",
         count=len(records),
         global_index=GlobalIndexConfig(),
-        shards=[],
+        # The segments' entries carry their files' checksums.
+        segments=[read_segment_meta(index_dir / SEGMENTS / name).entry(name) for name in names],
     )
     publish_version(index_dir, records, build_global_index(descriptors, GlobalIndexConfig()), manifest)
 

@@ -56,7 +56,10 @@ from index_builder.store import (
     segment_dir,
     write_segment,
 )
+from index_builder.store.cleanup import UnpublishedCleanup
+from index_builder.store.integrity import files_intact
 from index_builder.store.location_shards import write_location_shards
+from index_builder.store.space import build_bytes_needed
 from model.config import FeatureBlock
 from model.extractor import FeatureExtractor
 
@@ -160,7 +163,8 @@ def build_index(
     progress = BuildProgress()
     notify = on_progress or (lambda p: None)
     index_dir = config.index_dir
-    with BuildLock(index_dir):
+    # A failure removes what this build wrote before the lock goes (the disk space comes back).
+    with BuildLock(index_dir), UnpublishedCleanup(index_dir) as cleanup:
         remove_unfinished(index_dir)
         extractor = extractor or FeatureExtractor.from_checkpoint(
             config.checkpoint,
@@ -175,6 +179,7 @@ def build_index(
         try:
             scanned = scan(config.references, previous, progress, notify)
             planned = plan(config, identity, previous, scanned, progress, notify)
+            cleanup.require(build_bytes_needed(identity, len(planned.todo), len(scanned.images)))
             encoder = encoder or LocalEncoder(extractor, config.local_dtype, config.decode_workers)
             encoded = encode(config, encoder, planned, scanned, progress, notify)
             report = publish(config, extractor, previous, scanned, planned, encoded, progress, notify)
@@ -416,8 +421,8 @@ def _reusable_content(
         if found.name in referenced or found.name.startswith("."):
             continue
         meta = read_segment_meta(found)
-        if not meta or meta.encoding != identity:
-            continue
+        if not meta or meta.encoding != identity or not files_intact(found, meta.files):
+            continue  # a segment no version vouches for is reused only when its checksums hold
         for row, image in enumerate(meta.images):
             available.setdefault(image.content_hash, _Available(found.name, row, image))
     return available

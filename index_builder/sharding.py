@@ -1,8 +1,8 @@
 """Location shards: which references each shard of a sharded index holds, and which shards a query with a
 location prior must search.
 
-Not to be confused with the store's feature shards (index_builder/store/shards.py), the immutable files
-that hold encoded features: a location shard is a set of references searched and re-ranked together (one
+Not to be confused with the store's feature segments (index_builder/store/segments.py), the immutable
+files that hold encoded features: a location shard is a set of references searched and re-ranked together (one
 Ray Serve deployment each with `--engine ray`).
 
 - References with a location are ordered by their S2 leaf cell id (a Hilbert curve over the sphere, so a

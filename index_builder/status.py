@@ -1,4 +1,7 @@
-"""What an index directory holds: the published version, its build report, and whether it is intact."""
+"""What an index directory holds: the published version, its build report, and whether it is intact.
+
+`selavpr index status` exits with `status_exit_code`: 0 intact (or not verified), 1 a check failed (a
+file missing, unreadable or changed; an unreadable manifest), 3 no published version to verify."""
 
 from __future__ import annotations
 
@@ -8,14 +11,8 @@ from typing import Any
 
 from index_builder.errors import IndexNotFound
 from index_builder.manifest import IndexManifest
-from index_builder.store import (
-    VERSIONS,
-    build_running,
-    current_version_name,
-    segment_dir,
-    sha256_file,
-    version_names,
-)
+from index_builder.store import VERSIONS, build_running, current_version_name, version_names
+from index_builder.store.integrity import verify_version
 
 
 def index_status(index_dir: Path, verify: bool = False) -> dict[str, Any]:
@@ -48,19 +45,19 @@ def index_status(index_dir: Path, verify: bool = False) -> dict[str, Any]:
         "last_report": asdict(report) if report else None,
     }
     if verify:
-        status["verification"] = verify_version(index_dir, manifest)
+        status["verification"] = verify_version(index_dir, manifest).to_dict()
     return status
 
 
-def verify_version(index_dir: Path, manifest: IndexManifest) -> dict[str, Any]:
-    """Recompute every checksum the manifest and its segments record."""
-    problems = []
-    expected = {index_dir / VERSIONS / manifest.version / f: h for f, h in manifest.files.items()}
-    for segment in manifest.segments:
-        expected |= {segment_dir(index_dir, segment.name) / f: h for f, h in segment.files.items()}
-    for path, digest in expected.items():
-        if not path.is_file():
-            problems.append(f"missing {path.relative_to(index_dir)}")
-        elif sha256_file(path) != digest:
-            problems.append(f"checksum mismatch {path.relative_to(index_dir)}")
-    return {"ok": not problems, "files_checked": len(expected), "problems": problems}
+EXIT_OK, EXIT_DAMAGED, EXIT_NO_INDEX = 0, 1, 3
+
+
+def status_exit_code(status: dict[str, Any], verify: bool) -> int:
+    """The exit status for `index status` (see the module's docstring)."""
+    if "problem" in status:
+        return EXIT_DAMAGED
+    if not verify:
+        return EXIT_OK
+    if status["current_version"] is None:
+        return EXIT_NO_INDEX
+    return EXIT_OK if status["verification"]["ok"] else EXIT_DAMAGED

@@ -1,4 +1,5 @@
-"""`selavpr index build|status`: build a reference index incrementally, and describe one."""
+"""`selavpr index build|status|rollback`: build a reference index incrementally, describe and verify
+one, and serve an earlier intact version again."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from app.commands.common import add_engine_options, add_model_options, positive_
 from index_builder.builder import BuildConfig, BuildProgress, build_index
 from index_builder.global_index import KINDS, GlobalIndexConfig
 from index_builder.manifest import BuildReport
-from index_builder.status import index_status
+from index_builder.rollback import rollback
+from index_builder.status import index_status, status_exit_code
 from index_builder.store import DEFAULT_GRACE_SECONDS, DEFAULT_LOCAL_DTYPE, LOCAL_DTYPES
 
 
@@ -82,8 +84,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     status = actions.add_parser("status", help="print the published version and the last build report")
     status.add_argument("--index-dir", type=Path, required=True)
-    status.add_argument("--verify", action="store_true", help="recompute the checksums of every file")
+    status.add_argument(
+        "--verify",
+        action="store_true",
+        help="recompute the checksums of every file; exit 1 when any check fails, 3 with no index",
+    )
     status.set_defaults(run=run_status)
+
+    back = actions.add_parser(
+        "rollback", help="publish the newest earlier version that verifies (a running server follows)"
+    )
+    back.add_argument("--index-dir", type=Path, required=True)
+    back.add_argument("--to", default=None, metavar="VERSION", help="this version (it must verify)")
+    back.set_defaults(run=run_rollback)
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -175,7 +188,14 @@ def _build_on_ray(config: BuildConfig, args: argparse.Namespace) -> BuildReport:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    print_json(index_status(args.index_dir, args.verify))
+    status = index_status(args.index_dir, args.verify)
+    print_json(status)
+    return status_exit_code(status, args.verify)
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    done = rollback(args.index_dir, args.to)
+    print_json({"previous": done.previous, "current": done.current, "rejected": done.rejected})
     return 0
 
 

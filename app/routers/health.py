@@ -22,12 +22,18 @@ async def healthz() -> dict:
 @router.get("/readyz")
 async def readyz(request: Request):
     """Model and an index loaded; 503 with the reason otherwise. With --engine ray it also lists the
-    location shards without a replica (answers then come back partial)."""
+    location shards without a replica (answers then come back partial). "degraded" (200): the
+    background verification found the served version's files damaged."""
     service: VPRService = get_service(request)  # called directly: a sync dependency would use the pool
     reason = service.readiness()
     if reason:
         return error_response(503, "not_ready", reason)
-    return {"status": "ready", "index_version": service.localizer.index.name, **service.readiness_details()}
+    ready = {"status": "ready", "index_version": service.localizer.index.name, **service.readiness_details()}
+    verification = service.verification()
+    if verification is not None and not verification.ok:
+        # Still answering (from the damaged version): 200, so that a lone replica is not taken away.
+        ready |= {"status": "degraded", "problems": verification.problems}
+    return ready
 
 
 @router.get("/metrics")

@@ -1,4 +1,4 @@
-"""/index: rebuild, status, and uploading reference images."""
+"""/index: rebuild, status, rollback, and uploading reference images."""
 
 from __future__ import annotations
 
@@ -12,10 +12,16 @@ from app.schemas import ErrorResponse, IndexStatusResponse, RebuildJob, UploadRe
 from app.service import VPRService
 from app.settings import Settings
 from app.uploads import read_uploads
+from index_builder.errors import BuildInProgress, IndexStoreError
 from index_builder.geo import UTM_MAX_LAT, UTM_MIN_LAT
+from index_builder.rollback import rollback
+from index_builder.store.space import DiskFull, check_room, free_bytes, is_disk_full, storage_problem
+
+# Room kept beyond an upload's bytes: its locations.csv row, the file system's blocks.
+UPLOAD_MARGIN_BYTES = 64 * 1024
 
 router = APIRouter(prefix="/index", tags=["index"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 501, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 501, 503, 507)}
 
 
 def _job(service: VPRService) -> dict:
@@ -51,7 +57,29 @@ def status(service: VPRService = Depends(get_service)) -> dict:
         "num_images": len(localizer.index) if localizer else 0,
         "last_report": rebuilds.last_report.summary() if rebuilds and rebuilds.last_report else None,
         "last_error": rebuilds.last_error if rebuilds else service.index_problem,
+        "verification": _verification(service),
     }
+
+
+def _verification(service: VPRService) -> dict | None:
+    result = service.verification()
+    if result is None:
+        return None
+    checked_at = service.verifier.last_finished if service.verifier else None
+    return result.to_dict() | {"checked_at": checked_at}
+
+
+@router.post("/rollback", responses=ERRORS, dependencies=[Depends(require_admin_key)])
+async def roll_back(service: VPRService = Depends(get_service)) -> dict:
+    """Serve the newest earlier version whose files all verify (409 when there is none)."""
+    try:
+        done = await run_in_threadpool(rollback, service.settings.index_dir)
+    except BuildInProgress:
+        raise ApiError(409, "conflict", "a build is running; roll back when it has finished") from None
+    except IndexStoreError:
+        raise ApiError(409, "conflict", "no intact earlier version to roll back to") from None
+    await run_in_threadpool(service.reload_index)
+    return {"previous": done.previous, "current": done.current, "rejected": list(done.rejected)}
 
 
 @router.post(
@@ -80,8 +108,25 @@ async def upload_images(
         (data, suffix, location, name)
         for (data, suffix), location, name in zip(payloads, locations, names, strict=True)
     ]
-    stored = await run_in_threadpool(write_references, settings.references, batch)  # all or nothing
+    stored = await run_in_threadpool(_store, settings, batch, service)  # all or nothing
     return {"stored": stored, "rebuild": _job(service) if rebuild else None}
+
+
+def _store(settings: Settings, batch: list, service: VPRService) -> list[dict]:
+    """write_references, refused (507, nothing written) when the disk cannot hold the batch; a disk
+    that fills while writing leaves nothing either (write_references removes what it wrote)."""
+    needed = sum(len(item[0]) for item in batch) + UPLOAD_MARGIN_BYTES
+    try:
+        check_room(settings.references, needed)
+        return write_references(settings.references, batch)
+    except (DiskFull, OSError) as exc:
+        if not is_disk_full(exc):
+            if storage_problem(exc):  # read-only, no permission
+                raise ApiError(503, "unavailable", "the references folder is not writable") from None
+            raise
+        service.metrics.disk_full.labels("upload").inc()
+        free = exc.free_bytes if isinstance(exc, DiskFull) else free_bytes(settings.references)
+        raise ApiError(507, "insufficient_storage", str(DiskFull(free, needed))) from None
 
 
 def _locations(

@@ -39,6 +39,7 @@ from index_builder.store.segments import TMP_PREFIX, SegmentFiles, segment_dir
 CURRENT = "CURRENT"
 VERSIONS = "versions"
 GLOBAL_INDEX_FILE = "global.faiss"
+RETIRED = ".retired"  # names of versions rolled back from
 NO_INDEX_HINT = (
     "add reference photos with POST /index/images then POST /index/rebuild, or run `selavpr index build`"
 )
@@ -60,11 +61,26 @@ def version_names(index_dir: Path) -> list[str]:
 
 
 def next_version_name(index_dir: Path) -> str:
-    existing = [int(n[1:]) for n in version_names(index_dir) if n[1:].isdigit()]
-    current = current_version_name(index_dir)
-    if current and current[1:].isdigit():
-        existing.append(int(current[1:]))
-    return f"v{max(existing, default=0) + 1:06d}"
+    """Never a name used before: clients page through a version by its name."""
+    names = [*version_names(index_dir), current_version_name(index_dir) or "", *retired_names(index_dir)]
+    numbers = [int(n[1:]) for n in names if n[1:].isdigit()]
+    return f"v{max(numbers, default=0) + 1:06d}"
+
+
+def retire_versions(index_dir: Path, names: Sequence[str]) -> None:
+    """Record published versions that were rolled back from (their folders go with the next build),
+    so that their names are not given again."""
+    with open(index_dir / VERSIONS / RETIRED, "a") as f:
+        f.writelines(f"{name}\n" for name in names)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def retired_names(index_dir: Path) -> list[str]:
+    try:
+        return (index_dir / VERSIONS / RETIRED).read_text().split()
+    except FileNotFoundError:
+        return []
 
 
 def publish_version(
@@ -92,12 +108,17 @@ def publish_version(
     fsync_tree(staging)
     staging.rename(versions / name)
     fsync_dir(versions)
+    point_current(index_dir, name)
+    return manifest
+
+
+def point_current(index_dir: Path, name: str) -> None:
+    """Make `name` the published version: CURRENT replaced atomically, durably."""
     pointer = index_dir / f"{CURRENT}.tmp"
     pointer.write_text(name + "\n")
     fsync_file(pointer)
     os.replace(pointer, index_dir / CURRENT)
     fsync_dir(index_dir)
-    return manifest
 
 
 class IndexVersion:
