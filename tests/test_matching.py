@@ -244,7 +244,12 @@ def test_default_precision_with_the_c_kernels_follows_the_map_size(monkeypatch):
     """int8's fixed costs make it no faster on small maps; the rule is the same in every process."""
     monkeypatch.setattr(defaults.native, "native_enabled", lambda device, precision, channels=128: True)
     by_name = {kernel.name: kernel for kernel in defaults.native.KERNELS}
-    monkeypatch.setattr(defaults.native, "kernel_for", lambda precision: by_name["int8 on AMX"])
+    real_kernel_for = defaults.native.kernel_for
+
+    def amx_for_int8(precision):  # the other precisions keep this CPU's kernels: the matching runs them
+        return by_name["int8 on AMX"] if precision is Precision.INT8 else real_kernel_for(precision)
+
+    monkeypatch.setattr(defaults.native, "kernel_for", amx_for_int8)
     cpu = torch.device("cpu")
     assert default_precision(cpu, (61, 61, 128)) == "int8+float32"  # the local head's maps
     assert default_precision(cpu, (32, 32, 768)) == "int8+float32"
