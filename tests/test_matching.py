@@ -218,6 +218,35 @@ def test_int8_results_do_not_depend_on_the_matmul_path(monkeypatch):
     assert native[2] == 400
 
 
+def test_without_torchs_private_gemms_the_counts_stay(monkeypatch):
+    """A torch release without torch._int_mm or oneDNN's inductor ops costs speed, not correctness:
+    every precision then runs on public GEMMs with the same counts."""
+    query, cands = unit_maps(20, 20, 64, seed=31), unit_maps(4, 20, 20, 64, seed=32)
+    cands[1] = F.normalize(query + 0.3 * cands[1], dim=-1)
+    monkeypatch.setenv(NATIVE_ENV, "0")  # the C kernels use neither; the torch tiles are the point
+    monkeypatch.delenv(kernels.INT8_ROUTE_ENV, raising=False)
+    expected = {p: mnn_scores(query, cands, p).tolist() for p in ALL_PRECISIONS}
+
+    def gone(*args, **kwargs):
+        raise AttributeError("not in this torch")
+
+    monkeypatch.delattr(torch, "_int_mm")
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", gone, raising=False)
+    monkeypatch.setitem(kernels._INT_MM_WORKS, "cpu", True)
+    kernels._onednn_float32_works.cache_clear()  # measured once per process: again without the ops
+    kernels._cpu_gemm_times.cache_clear()
+    try:
+        assert not kernels._onednn_float32_works(64)
+        assert kernels.int8_route(torch.device("cpu")) == "float"
+        assert {p: mnn_scores(query, cands, p).tolist() for p in ALL_PRECISIONS} == expected
+        monkeypatch.setenv(kernels.INT8_ROUTE_ENV, "int")  # forced onto torch._int_mm: its fallback
+        assert mnn_scores(query, cands, "int8").tolist() == expected["int8"]
+    finally:
+        monkeypatch.undo()
+        kernels._onednn_float32_works.cache_clear()
+        kernels._cpu_gemm_times.cache_clear()
+
+
 def test_rerank_order_breaks_ties_by_global_rank():
     scores = [5, 9, 5, 9, 1]
     assert rerank_order(scores).tolist() == [1, 3, 0, 2, 4]
