@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from index_builder.errors import CheckpointMismatch
@@ -185,17 +186,35 @@ def answer(
         for rank, (i, record) in enumerate(zip(order, records, strict=True), start=1)
     ]
     positions = query_local.shape[0] * query_local.shape[1]
+    location = estimate_location(matches, positions)
+    probability = answer_probability(version, scores, ids, counts, positions) if location else None
     sizes = shard_sizes(version)
     total = sum(sizes[k] for k in searched)
     covered = sum(sizes[k] for k in searched if k not in counted.missing)
     return LocalizeResult(
         matches=matches,
-        location=estimate_location(matches, positions),
+        location=location,
         index_version=version.name,
+        status="located" if location else "no_location",
+        probability=probability,
+        radius_m=version.calibration.radius_m if version.calibration else None,
+        calibration=version.calibration.id if version.calibration else None,
         partial=bool(counted.missing),
         missing_shards=[shard_key(k) for k in sorted(counted.missing)],
         coverage=round(covered / total, 6) if total else 1.0,
     )
+
+
+def answer_probability(
+    version: IndexVersion, scores: np.ndarray, ids: np.ndarray, counts: np.ndarray, positions: int
+) -> float | None:
+    """The version's calibrated probability of the re-ranked answer (None: uncalibrated). Only arrays
+    the search already holds and the in-memory locations: microseconds per query."""
+    if version.calibration is None:
+        return None
+    view = version.locations.view(ids, scores, np.asarray(counts), positions)
+    probability = version.calibration.probability(view, "reranked")
+    return None if probability is None else round(probability, 4)
 
 
 def shard_sizes(version: IndexVersion) -> list[int]:

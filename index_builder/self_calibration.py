@@ -1,0 +1,137 @@
+"""Build-time calibration: the index localizes a sample of its own located references and learns from
+the answers which evidence means "right".
+
+Each sampled reference is a query twice, with features already stored (no model forward):
+1. leave-one-out: the image and its exact duplicates (same content) removed from the candidates; the
+   answer is labelled by the distance between its location and the reference's;
+2. place removed: every candidate within the radius of the reference also left out, the situation of a
+   photo of a place missing from the database. It reuses the MNN counts of pass 1 (the same candidates,
+   fewer of them), so it costs nothing more.
+The answers are fitted (calibration.fit_calibration) and stored with the version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from index_builder.calibration import (
+    DEFAULT_RADIUS_M,
+    STAGES,
+    Calibration,
+    CandidateView,
+    Locations,
+    answer_index,
+    features,
+    fit_calibration,
+    unusable_reason,
+)
+from index_builder.store import ImageRecord
+from model.matching import mnn_scores
+
+log = logging.getLogger(__name__)
+
+MIN_LOCATED = 8  # fewer located references: the version is served uncalibrated
+MAX_SAMPLES = 48  # held-out references; the cost is MAX_SAMPLES x CANDIDATES local matchings
+CANDIDATES = 20  # global candidates re-ranked per held-out reference
+
+LocalReader = Callable[[Sequence[int]], torch.Tensor]  # ids -> float local maps (k, h, w, C)
+
+
+@dataclass
+class SelfCalibrationConfig:
+    radius_m: float = DEFAULT_RADIUS_M
+    max_samples: int = MAX_SAMPLES
+    candidates: int = CANDIDATES
+    min_located: int = MIN_LOCATED
+    place_removed: bool = True  # also learn from answers for a place missing from the database
+    seed: int = 0
+
+
+def self_calibrate(
+    records: Sequence[ImageRecord],
+    global_desc: np.ndarray,
+    read_local: LocalReader,
+    precision: str | None,
+    config: SelfCalibrationConfig | None = None,
+    encoding_fingerprint: str = "",
+) -> tuple[Calibration | None, str]:
+    """(calibration, note): the fitted calibration, or None and why the version stays uncalibrated."""
+    config = config or SelfCalibrationConfig()
+    started = time.perf_counter()
+    located = [r for r in records if r.utm_east is not None]
+    if len(located) < config.min_located:
+        return None, f"uncalibrated: {len(located)} located references, at least {config.min_located} needed"
+    locations = Locations.of(records)
+    hashes = np.array([r.content_hash for r in records])
+    rng = np.random.default_rng(config.seed)
+    unique = list({r.content_hash: r for r in located}.values())  # one per content
+    picked = rng.choice(len(unique), size=min(config.max_samples, len(unique)), replace=False)
+    rows: dict[str, list[tuple[np.ndarray, float]]] = {stage: [] for stage in STAGES}
+    for i in sorted(picked.tolist()):
+        for stage, x, label in _answers(
+            unique[i], hashes, locations, global_desc, read_local, precision, config
+        ):
+            rows[stage].append((x, label))
+    labels = np.array([label for _, label in rows["reranked"]])
+    reason = unusable_reason(labels, config.min_located)
+    if reason:
+        return None, f"uncalibrated: {reason}"
+    samples = {s: (np.stack([x for x, _ in rows[s]]), np.array([y for _, y in rows[s]])) for s in STAGES}
+    calibration = fit_calibration(
+        samples,
+        "self",
+        config.radius_m,
+        source=f"leave-one-out over {len(picked)} of {len(located)} located references"
+        + (", each also with its place removed" if config.place_removed else ""),
+        encoding_fingerprint=encoding_fingerprint,
+    )
+    calibration.seconds = round(time.perf_counter() - started, 3)
+    return calibration, f"self-calibrated on {calibration.samples} answers"
+
+
+def _answers(
+    held_out: ImageRecord,
+    hashes: np.ndarray,
+    locations: Locations,
+    global_desc: np.ndarray,
+    read_local: LocalReader,
+    precision: str | None,
+    config: SelfCalibrationConfig,
+):
+    """(stage, features, label) of one held-out reference's answers (leave-one-out, place removed)."""
+    scores = global_desc @ global_desc[held_out.id]
+    scores[hashes == held_out.content_hash] = -np.inf  # the image and its exact duplicates
+    available = int(np.isfinite(scores).sum())
+    k = min(config.candidates, available)
+    if k == 0:
+        return
+    ids = np.argsort(-scores, kind="stable")[:k]
+    query = read_local([held_out.id])[0]
+    counts = mnn_scores(query, read_local(ids.tolist()), precision).numpy()
+    positions = query.shape[0] * query.shape[1]
+    view = locations.view(ids, scores[ids], counts, positions)
+    truth = (held_out.utm_east, held_out.utm_north, locations.zone[held_out.id])
+    views = [view]
+    if config.place_removed:
+        d = np.hypot(view.east - truth[0], view.north - truth[1])
+        here = (view.zone == truth[2]) & (d <= config.radius_m)
+        if (~here).any():
+            views.append(view.without(~here))
+    for v in views:
+        for stage in STAGES:
+            x = features(v, stage, config.radius_m)
+            if x is not None:
+                yield stage, x, float(_is_right(v, stage, truth, config.radius_m))
+
+
+def _is_right(view: CandidateView, stage, truth: tuple[float, float, int], radius_m: float) -> bool:
+    top = answer_index(view, stage)
+    if top is None or view.zone[top] != truth[2]:
+        return False
+    return bool(np.hypot(view.east[top] - truth[0], view.north[top] - truth[1]) <= radius_m)
