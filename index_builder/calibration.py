@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,17 +23,17 @@ from typing import Any, Literal
 import numpy as np
 
 DEFAULT_RADIUS_M = 25.0
-AGREE_K = 5  # how many of the first answers vote on the location
 STAGES = ("reranked", "global")
 Stage = Literal["reranked", "global"]
 FEATURES: dict[str, tuple[str, ...]] = {
     # share: the top-1's MNN matches / the query's positions (today's `confidence`);
     # log_ratio: log((top-1 count + 1) / (best count of a candidate farther than the radius + 1)), a
     #   distinctiveness test like Lowe's ratio, scale-free across local modes;
-    # agreement: share of the next AGREE_K - 1 answers within the radius of the top-1;
     # global_gap: top-1's global score minus the best global score farther than the radius.
-    "reranked": ("share", "log_ratio", "agreement", "global_gap"),
-    "global": ("global_score", "global_gap", "agreement"),
+    # (How many of the top answers agree on the location is left out: self-calibration holds out one
+    # view of a place, so agreement is lower there than for real queries, and the fit learned it wrong.)
+    "reranked": ("share", "log_ratio", "global_gap"),
+    "global": ("global_score", "global_gap"),
 }
 
 
@@ -74,27 +74,28 @@ class Locations:
     east: np.ndarray
     north: np.ndarray
     zone: np.ndarray
+    zone_of: dict[str, int] = field(default_factory=dict)  # UTM zone label ('' none) -> the id in `zone`
 
     @classmethod
     def of(cls, records: Sequence[Any]) -> Locations:
         east = np.array([np.nan if r.utm_east is None else r.utm_east for r in records], dtype=np.float64)
         north = np.array([np.nan if r.utm_north is None else r.utm_north for r in records], dtype=np.float64)
         labels = [(r.utm_zone or "") if r.utm_east is not None else None for r in records]
-        return cls(east, north, zone_ids(labels))
+        return cls(east, north, *zone_ids(labels))
 
     def view(self, ids: np.ndarray, scores: np.ndarray, counts=None, positions: int = 1) -> CandidateView:
         return CandidateView(scores, self.east[ids], self.north[ids], self.zone[ids], counts, positions)
 
 
-def zone_ids(labels: Sequence[str | None]) -> np.ndarray:
-    """UTM zone labels -> small ints, 0 for 'no location'; a located reference without a zone label
-    ('' ) shares one id (bare UTM metres, one local frame)."""
+def zone_ids(labels: Sequence[str | None]) -> tuple[np.ndarray, dict[str, int]]:
+    """UTM zone labels -> small ints, 0 for 'no location', and the label -> id table; located references
+    without a zone label ('') share one id (bare UTM metres, one local frame)."""
     known: dict[str, int] = {}
     out = np.zeros(len(labels), dtype=np.int32)
     for i, label in enumerate(labels):
         if label is not None:
             out[i] = known.setdefault(label, len(known) + 1)
-    return out
+    return out, known
 
 
 def near_mask(view: CandidateView, index: int, radius_m: float) -> np.ndarray:
@@ -116,21 +117,44 @@ def features(view: CandidateView, stage: Stage, radius_m: float = DEFAULT_RADIUS
     top = answer_index(view, stage)
     if top is None:
         return None
-    order = view.order(stage)
-    near = near_mask(view, top, radius_m)
-    far = (view.zone > 0) & ~near
+    far = (view.zone > 0) & ~near_mask(view, top, radius_m)
     best_far_score = float(view.scores[far].max()) if far.any() else 0.0
     global_gap = float(view.scores[top]) - best_far_score
-    voters = [i for i in order[:AGREE_K] if i != top and view.zone[i] > 0]
-    agreement = float(np.mean(near[voters])) if voters else 0.0
     if stage == "global":
-        return np.array([float(view.scores[top]), global_gap, agreement])
+        return np.array([float(view.scores[top]), global_gap])
     assert view.counts is not None
     count = float(view.counts[top])
     best_far_count = float(view.counts[far].max()) if far.any() else 0.0
     share = min(1.0, count / max(view.positions, 1))
     log_ratio = math.log((count + 1.0) / (best_far_count + 1.0))
-    return np.array([share, log_ratio, agreement, global_gap])
+    return np.array([share, log_ratio, global_gap])
+
+
+def is_right(view: CandidateView, stage: Stage, truth: tuple[float, float, int], radius_m: float) -> bool:
+    """Whether the stage's answer lies within `radius_m` of truth (east, north, zone id)."""
+    top = answer_index(view, stage)
+    if top is None or view.zone[top] != truth[2]:
+        return False
+    return bool(np.hypot(view.east[top] - truth[0], view.north[top] - truth[1]) <= radius_m)
+
+
+def labelled_answers(
+    view: CandidateView, truth: tuple[float, float, int], radius_m: float, place_removed: bool = True
+) -> Iterator[tuple[Stage, np.ndarray, float, bool]]:
+    """(stage, features, right?, normal?) of one query whose true location is known: its answer as it
+    is, then (place_removed) with every candidate within the radius of the truth left out, the answer a
+    photo of a place missing from the database would get (the same counts: it costs nothing more)."""
+    views = [view]
+    if place_removed:
+        d = np.hypot(view.east - truth[0], view.north - truth[1])
+        here = (view.zone == truth[2]) & (d <= radius_m)
+        if (~here).any():
+            views.append(view.without(~here))
+    for n, v in enumerate(views):
+        for stage in STAGES:
+            x = features(v, stage, radius_m)
+            if x is not None:
+                yield stage, x, float(is_right(v, stage, truth, radius_m)), n == 0
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -182,6 +206,21 @@ def fit_logistic(
         if np.abs(step).max() < 1e-8:
             break
     return LogisticModel(tuple(names), mean.tolist(), scale.tolist(), theta[1:].tolist(), float(theta[0]))
+
+
+def refit_bias(model: LogisticModel, x: np.ndarray, y: np.ndarray, steps: int = 50) -> LogisticModel:
+    """The same weights, the bias fitted again on (x, y) alone: the prior of right answers taken from a
+    sample representative of real queries, the slope from all samples."""
+    z = ((np.asarray(x, dtype=np.float64) - model.mean) / model.scale) @ np.asarray(model.weights)
+    y = np.asarray(y, dtype=np.float64)
+    bias = model.bias
+    for _ in range(steps):
+        p = _sigmoid(z + bias)
+        step = np.sum(p - y) / (np.sum(p * (1 - p)) + 1e-9)
+        bias -= step
+        if abs(step) < 1e-9:
+            break
+    return LogisticModel(model.features, model.mean, model.scale, model.weights, float(bias))
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -297,12 +336,17 @@ def fit_calibration(
     radius_m: float,
     source: str = "",
     encoding_fingerprint: str = "",
+    prior_rows: dict[str, np.ndarray] | None = None,
 ) -> Calibration:
-    """samples: stage -> (features (n, F), labels (n,)). Quality: in-sample log loss and Brier score, and
-    the ECE of 5-fold cross-validated predictions (an honest figure for data the fit did not see)."""
+    """samples: stage -> (features (n, F), labels (n,)). `prior_rows` (stage -> boolean mask): the rows
+    whose share of right answers the bias is refitted to (refit_bias), e.g. leave-one-out answers
+    without the place-removed ones. Quality: in-sample log loss and Brier score, and the ECE of 5-fold
+    cross-validated predictions (an honest figure for data the fit did not see)."""
     models, quality = {}, {}
     for stage, (x, y) in samples.items():
         models[stage] = fit_logistic(x, y, FEATURES[stage])
+        if prior_rows is not None and len(set(y[prior_rows[stage]].tolist())) == 2:
+            models[stage] = refit_bias(models[stage], x[prior_rows[stage]], y[prior_rows[stage]])
         p = np.clip(models[stage].predict(x), 1e-6, 1 - 1e-6)
         quality[f"{stage}_log_loss"] = round(float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))), 4)
         quality[f"{stage}_brier"] = round(float(np.mean((p - y) ** 2)), 4)
@@ -311,6 +355,28 @@ def fit_calibration(
     return Calibration(
         kind, radius_m, models, len(y), int(np.sum(y)), quality, source, 0.0, encoding_fingerprint
     )
+
+
+def fit_answers(
+    answers: Sequence[tuple[Stage, np.ndarray, float, bool]],
+    kind: str,
+    radius_m: float,
+    source: str,
+    encoding_fingerprint: str,
+    minimum: int,
+) -> tuple[Calibration | None, str]:
+    """labelled_answers() rows -> (calibration, note) or (None, why not). Place-removed answers teach
+    what wrong looks like; the normal ones alone set how often answers are right (their prior is that
+    of queries of places in the database), see refit_bias."""
+    by_stage = {s: [a for a in answers if a[0] == s] for s in STAGES}
+    labels = np.array([a[2] for a in by_stage["reranked"]])
+    reason = unusable_reason(labels, minimum)
+    if reason:
+        return None, reason
+    samples = {s: (np.stack([a[1] for a in r]), np.array([a[2] for a in r])) for s, r in by_stage.items()}
+    normal = {s: np.array([a[3] for a in rows]) for s, rows in by_stage.items()}
+    calibration = fit_calibration(samples, kind, radius_m, source, encoding_fingerprint, normal)
+    return calibration, f"{kind}-calibrated on {calibration.samples} answers"
 
 
 def _cross_validated(x: np.ndarray, y: np.ndarray, stage: str, folds: int = 5) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from index_builder.calibration import CandidateView
 from index_builder.errors import CheckpointMismatch
 from index_builder.results import (
     DEFAULT_RERANK_K,
@@ -148,6 +149,23 @@ class Localizer:
             )
             results.append(result)
         return results
+
+    def candidate_views(self, queries: Sequence[Query], rerank_k: int) -> list[CandidateView]:
+        """What the answers' probabilities are computed from, for fitting a calibration: each query's
+        re-ranked candidates (every shard, no prior) with their scores, counts and locations."""
+        global_desc, local = self.extractor.extract_tensors(torch.stack([q.tensor for q in queries]))
+        global_np, local = global_desc.float().cpu().numpy(), local.float()
+        everything = shards_to_search(self.index, None)
+        tops = {k: self.searchers[k].top(global_np, rerank_k) for k in everything}
+        views = []
+        for i in range(len(queries)):
+            candidates = merge([tops[k][i] for k in everything], rerank_k)
+            counted = rerank_counts(candidates, self._count_locally(local[i]), self.mode)
+            answered = counted.counts >= 0
+            positions = local[i].shape[0] * local[i].shape[1]
+            ids, scores = candidates.ids[answered], candidates.scores[answered]
+            views.append(self.index.locations.view(ids, scores, counted.counts[answered], positions))
+        return views
 
     def localize(
         self,

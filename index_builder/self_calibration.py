@@ -22,14 +22,10 @@ import torch
 
 from index_builder.calibration import (
     DEFAULT_RADIUS_M,
-    STAGES,
     Calibration,
-    CandidateView,
     Locations,
-    answer_index,
-    features,
-    fit_calibration,
-    unusable_reason,
+    fit_answers,
+    labelled_answers,
 )
 from index_builder.store import ImageRecord
 from model.matching import mnn_scores
@@ -37,8 +33,8 @@ from model.matching import mnn_scores
 log = logging.getLogger(__name__)
 
 MIN_LOCATED = 8  # fewer located references: the version is served uncalibrated
-MAX_SAMPLES = 48  # held-out references; the cost is MAX_SAMPLES x CANDIDATES local matchings
-CANDIDATES = 20  # global candidates re-ranked per held-out reference
+MAX_SAMPLES = 40  # held-out references; the cost is MAX_SAMPLES x CANDIDATES local matchings
+CANDIDATES = 10  # global candidates re-ranked per held-out reference
 
 LocalReader = Callable[[Sequence[int]], torch.Tensor]  # ids -> float local maps (k, h, w, C)
 
@@ -72,25 +68,19 @@ def self_calibrate(
     rng = np.random.default_rng(config.seed)
     unique = list({r.content_hash: r for r in located}.values())  # one per content
     picked = rng.choice(len(unique), size=min(config.max_samples, len(unique)), replace=False)
-    rows: dict[str, list[tuple[np.ndarray, float]]] = {stage: [] for stage in STAGES}
-    for i in sorted(picked.tolist()):
-        for stage, x, label in _answers(
-            unique[i], hashes, locations, global_desc, read_local, precision, config
-        ):
-            rows[stage].append((x, label))
-    labels = np.array([label for _, label in rows["reranked"]])
-    reason = unusable_reason(labels, config.min_located)
-    if reason:
-        return None, f"uncalibrated: {reason}"
-    samples = {s: (np.stack([x for x, _ in rows[s]]), np.array([y for _, y in rows[s]])) for s in STAGES}
-    calibration = fit_calibration(
-        samples,
-        "self",
-        config.radius_m,
-        source=f"leave-one-out over {len(picked)} of {len(located)} located references"
-        + (", each also with its place removed" if config.place_removed else ""),
-        encoding_fingerprint=encoding_fingerprint,
+    answers = [
+        answer
+        for i in sorted(picked.tolist())
+        for answer in _answers(unique[i], hashes, locations, global_desc, read_local, precision, config)
+    ]
+    source = f"leave-one-out over {len(picked)} of {len(located)} located references" + (
+        ", each also with its place removed" if config.place_removed else ""
     )
+    calibration, reason = fit_answers(
+        answers, "self", config.radius_m, source, encoding_fingerprint, config.min_located
+    )
+    if calibration is None:
+        return None, f"uncalibrated: {reason}"
     calibration.seconds = round(time.perf_counter() - started, 3)
     return calibration, f"self-calibrated on {calibration.samples} answers"
 
@@ -104,7 +94,8 @@ def _answers(
     precision: str | None,
     config: SelfCalibrationConfig,
 ):
-    """(stage, features, label) of one held-out reference's answers (leave-one-out, place removed)."""
+    """(stage, features, label, leave-one-out?) of one held-out reference's answers (leave-one-out, then
+    place removed)."""
     scores = global_desc @ global_desc[held_out.id]
     scores[hashes == held_out.content_hash] = -np.inf  # the image and its exact duplicates
     available = int(np.isfinite(scores).sum())
@@ -116,22 +107,5 @@ def _answers(
     counts = mnn_scores(query, read_local(ids.tolist()), precision).numpy()
     positions = query.shape[0] * query.shape[1]
     view = locations.view(ids, scores[ids], counts, positions)
-    truth = (held_out.utm_east, held_out.utm_north, locations.zone[held_out.id])
-    views = [view]
-    if config.place_removed:
-        d = np.hypot(view.east - truth[0], view.north - truth[1])
-        here = (view.zone == truth[2]) & (d <= config.radius_m)
-        if (~here).any():
-            views.append(view.without(~here))
-    for v in views:
-        for stage in STAGES:
-            x = features(v, stage, config.radius_m)
-            if x is not None:
-                yield stage, x, float(_is_right(v, stage, truth, config.radius_m))
-
-
-def _is_right(view: CandidateView, stage, truth: tuple[float, float, int], radius_m: float) -> bool:
-    top = answer_index(view, stage)
-    if top is None or view.zone[top] != truth[2]:
-        return False
-    return bool(np.hypot(view.east[top] - truth[0], view.north[top] - truth[1]) <= radius_m)
+    truth = (held_out.utm_east, held_out.utm_north, int(locations.zone[held_out.id]))
+    yield from labelled_answers(view, truth, config.radius_m, config.place_removed)

@@ -190,8 +190,8 @@ class IndexVersion:
             rows = self.db.execute("SELECT utm_east, utm_north, utm_zone FROM images ORDER BY id").fetchall()
             east = np.array([np.nan if r[0] is None else r[0] for r in rows], dtype=np.float64)
             north = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=np.float64)
-            zone = zone_ids([(r[2] or "") if r[0] is not None else None for r in rows])
-            self._locations = Locations(east, north, zone)
+            zone, zone_of = zone_ids([(r[2] or "") if r[0] is not None else None for r in rows])
+            self._locations = Locations(east, north, zone, zone_of)
         return self._locations
 
     def all_records(self) -> list[ImageRecord]:
