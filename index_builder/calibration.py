@@ -339,22 +339,30 @@ def fit_calibration(
     prior_rows: dict[str, np.ndarray] | None = None,
 ) -> Calibration:
     """samples: stage -> (features (n, F), labels (n,)). `prior_rows` (stage -> boolean mask): the rows
-    whose share of right answers the bias is refitted to (refit_bias), e.g. leave-one-out answers
-    without the place-removed ones. Quality: in-sample log loss and Brier score, and the ECE of 5-fold
-    cross-validated predictions (an honest figure for data the fit did not see)."""
+    whose share of right answers the bias is refitted to (refit_bias), e.g. the leave-one-out answers
+    without the place-removed ones; default all. Quality, on those rows: in-sample log loss and Brier
+    score, and the ECE of 5-fold cross-validated predictions (a figure for data the fit did not see)."""
     models, quality = {}, {}
     for stage, (x, y) in samples.items():
-        models[stage] = fit_logistic(x, y, FEATURES[stage])
-        if prior_rows is not None and len(set(y[prior_rows[stage]].tolist())) == 2:
-            models[stage] = refit_bias(models[stage], x[prior_rows[stage]], y[prior_rows[stage]])
-        p = np.clip(models[stage].predict(x), 1e-6, 1 - 1e-6)
-        quality[f"{stage}_log_loss"] = round(float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))), 4)
-        quality[f"{stage}_brier"] = round(float(np.mean((p - y) ** 2)), 4)
-        quality[f"{stage}_cv_ece"] = round(expected_calibration_error(_cross_validated(x, y, stage), y), 4)
+        normal = prior_rows[stage] if prior_rows is not None else np.ones(len(y), dtype=bool)
+        models[stage] = _fit_stage(x, y, normal, stage)
+        p = np.clip(models[stage].predict(x[normal]), 1e-6, 1 - 1e-6)
+        yn = y[normal]
+        quality[f"{stage}_log_loss"] = round(float(-np.mean(yn * np.log(p) + (1 - yn) * np.log(1 - p))), 4)
+        quality[f"{stage}_brier"] = round(float(np.mean((p - yn) ** 2)), 4)
+        cv = _cross_validated(x, y, normal, stage)
+        quality[f"{stage}_cv_ece"] = round(expected_calibration_error(cv[normal], yn), 4)
     x, y = samples["reranked"]
     return Calibration(
         kind, radius_m, models, len(y), int(np.sum(y)), quality, source, 0.0, encoding_fingerprint
     )
+
+
+def _fit_stage(x: np.ndarray, y: np.ndarray, normal: np.ndarray, stage: str) -> LogisticModel:
+    model = fit_logistic(x, y, FEATURES[stage])
+    if len(set(y[normal].tolist())) == 2:
+        model = refit_bias(model, x[normal], y[normal])
+    return model
 
 
 def fit_answers(
@@ -379,18 +387,19 @@ def fit_answers(
     return calibration, f"{kind}-calibrated on {calibration.samples} answers"
 
 
-def _cross_validated(x: np.ndarray, y: np.ndarray, stage: str, folds: int = 5) -> np.ndarray:
+def _cross_validated(
+    x: np.ndarray, y: np.ndarray, normal: np.ndarray, stage: str, folds: int = 5
+) -> np.ndarray:
     out = np.empty(len(y))
     fold = np.arange(len(y)) % folds
     for k in range(folds):
-        test = fold == k
-        train = ~test
+        test, train = fold == k, fold != k
         if not test.any():
             continue
         if train.sum() < 2 or len(set(y[train].tolist())) < 2:
             out[test] = y[train].mean() if train.any() else 0.5
             continue
-        out[test] = fit_logistic(x[train], y[train], FEATURES[stage]).predict(x[test])
+        out[test] = _fit_stage(x[train], y[train], normal[train], stage).predict(x[test])
     return out
 
 
