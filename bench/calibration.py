@@ -30,17 +30,26 @@ from bench.shared_dataset import make_dataset
 from index_builder.builder import BuildConfig, build_index
 from index_builder.evaluate import EvalConfig, evaluate
 from index_builder.search import Localizer, answer_probability
+from index_builder.self_calibration import CANDIDATES, MAX_SAMPLES, SelfCalibrationConfig
 from model.extractor import FeatureExtractor, resolve_device
 from tests.helpers import shared_references
 
 VIEWS = ("i0", "i1", "i2")
 
 
-def query_sets(extractor: FeatureExtractor, shared: Path, work: Path, rerank_k: int) -> dict:
+def query_sets(
+    extractor: FeatureExtractor, shared: Path, work: Path, rerank_k: int, calibration: SelfCalibrationConfig
+) -> dict:
     sets = {}
     for view in VIEWS:
         root = make_dataset(work / f"queries-{view}", shared, query_view=view)
-        config = EvalConfig(dataset=root, rerank_k=rerank_k, index_dir=root / "index", place_removed=True)
+        config = EvalConfig(
+            dataset=root,
+            rerank_k=rerank_k,
+            index_dir=root / "index",
+            place_removed=True,
+            calibration=calibration,
+        )
         report = evaluate(config, extractor, show_progress=False)
         sets[f"queries {view}"] = {
             "queries": report.queries,
@@ -80,7 +89,9 @@ def pooled(sets: dict) -> dict:
     return out
 
 
-def build_cost(extractor: FeatureExtractor, shared: Path, work: Path) -> dict:
+def build_cost(
+    extractor: FeatureExtractor, shared: Path, work: Path, calibration: SelfCalibrationConfig
+) -> dict:
     """All 32 shared images (the triplets located by place), built from scratch without and with
     self-calibration."""
 
@@ -89,9 +100,8 @@ def build_cost(extractor: FeatureExtractor, shared: Path, work: Path) -> dict:
     for calibrate in (False, True):
         index_dir = work / f"index-{calibrate}"
         started = time.perf_counter()
-        report = build_index(
-            BuildConfig(references=refs, index_dir=index_dir, calibrate=calibrate), extractor
-        )
+        config = BuildConfig(refs, index_dir, calibrate=calibrate, calibration=calibration)
+        report = build_index(config, extractor)
         runs[calibrate] = (time.perf_counter() - started, report)
     plain_s, (with_s, report) = runs[False][0], runs[True]
     return {
@@ -133,21 +143,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED)
     parser.add_argument("--rerank-k", type=int, default=100)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--samples", type=int, default=MAX_SAMPLES, help="self-calibration's held-out references"
+    )
+    parser.add_argument("--candidates", type=int, default=CANDIDATES, help="... and candidates each")
+    parser.add_argument("--skip-build", action="store_true", help="leave out the build-cost measurement")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     extractor = FeatureExtractor.from_checkpoint("default", device=str(device))
     work = Path(tempfile.mkdtemp(prefix="bench-calibration-"))
+    calibration = SelfCalibrationConfig(max_samples=args.samples, candidates=args.candidates)
+    build, cost = {}, {}
     try:
-        sets = query_sets(extractor, args.shared_data, work, args.rerank_k)
-        build = build_cost(extractor, args.shared_data, work / "build")
-        cost = localize_cost(Path(build.pop("index_dir")), args.shared_data, extractor)
+        sets = query_sets(extractor, args.shared_data, work, args.rerank_k, calibration)
+        if not args.skip_build:
+            build = build_cost(extractor, args.shared_data, work / "build", calibration)
+            cost = localize_cost(Path(build.pop("index_dir")), args.shared_data, extractor)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {
         "machine": machine(device),
         "checkpoint": extractor.info.description,
         "rerank_k": args.rerank_k,
+        "self_calibration": {"max_samples": args.samples, "candidates": args.candidates},
         "sets": sets,
         "pooled": pooled(sets),
         "build": build,

@@ -33,6 +33,7 @@ from index_builder.calibration import (
 )
 from index_builder.global_index import search as global_search
 from index_builder.search import check_compatible, prepare_query
+from index_builder.self_calibration import SelfCalibrationConfig
 from index_builder.store import DEFAULT_GRACE_SECONDS, DEFAULT_LOCAL_DTYPE, IndexVersion
 from model.config import FeatureBlock
 from model.datasets import VPRSplit
@@ -64,6 +65,7 @@ class EvalConfig:
     model_dtype: str = "float32"
     grace_seconds: float = DEFAULT_GRACE_SECONDS  # for the cached database index's superseded versions
     place_removed: bool = False  # also answer every query with its true places left out of the database
+    calibration: SelfCalibrationConfig = field(default_factory=SelfCalibrationConfig)  # the database's
 
 
 @dataclass
@@ -192,6 +194,7 @@ def evaluate(
             batch_size=config.batch_size,
             local_dtype=config.local_dtype,
             grace_seconds=config.grace_seconds,
+            calibration=config.calibration,
         ),
         extractor=extractor,
     )
