@@ -79,6 +79,8 @@ class Localizer:
         engine = native.describe() if extractor.device.type == "cpu" else str(extractor.device)
         log.info("index %s: re-ranking %s maps in %s (%s)", index.name, _shape(index), self.mode, engine)
         self.searchers = searchers_of(index)
+        if index.calibration is not None:
+            _ = index.locations  # read now, not by the first query
         if extractor.device.type != "cpu" and 0 < index.stored_local_bytes() <= resident_max_bytes:
             make_resident(index, extractor.device)
 
