@@ -68,10 +68,11 @@ def self_calibrate(
     rng = np.random.default_rng(config.seed)
     unique = list({r.content_hash: r for r in located}.values())  # one per content
     picked = rng.choice(len(unique), size=min(config.max_samples, len(unique)), replace=False)
+    counter = _PairCounts(read_local, precision)
     answers = [
         answer
         for i in sorted(picked.tolist())
-        for answer in _answers(unique[i], hashes, locations, global_desc, read_local, precision, config)
+        for answer in _answers(unique[i], hashes, locations, global_desc, counter, config)
     ]
     source = f"leave-one-out over {len(picked)} of {len(located)} located references" + (
         ", each also with its place removed" if config.place_removed else ""
@@ -90,8 +91,7 @@ def _answers(
     hashes: np.ndarray,
     locations: Locations,
     global_desc: np.ndarray,
-    read_local: LocalReader,
-    precision: str | None,
+    counter: _PairCounts,
     config: SelfCalibrationConfig,
 ):
     """(stage, features, label, leave-one-out?) of one held-out reference's answers (leave-one-out, then
@@ -103,9 +103,48 @@ def _answers(
     if k == 0:
         return
     ids = np.argsort(-scores, kind="stable")[:k]
-    query = read_local([held_out.id])[0]
-    counts = mnn_scores(query, read_local(ids.tolist()), precision).numpy()
-    positions = query.shape[0] * query.shape[1]
+    counts, positions = counter.counts(held_out.id, ids)
     view = locations.view(ids, scores[ids], counts, positions)
     truth = (held_out.utm_east, held_out.utm_north, int(locations.zone[held_out.id]))
     yield from labelled_answers(view, truth, config.radius_m, config.place_removed)
+
+
+class _PairCounts:
+    """MNN counts between stored references. A count is symmetric (a mutual pair is mutual from either
+    side) and the held-out references are often each other's candidates, so each pair is counted once;
+    decoded maps are kept up to `cache_bytes`."""
+
+    def __init__(
+        self, read_local: LocalReader, precision: str | None, cache_bytes: int = 128 * 2**20
+    ) -> None:
+        self.read_local, self.precision, self.cache_bytes = read_local, precision, cache_bytes
+        self.known: dict[tuple[int, int], int] = {}
+        self.maps: dict[int, torch.Tensor] = {}
+        self.held_bytes = 0
+
+    def counts(self, query: int, ids: np.ndarray) -> tuple[np.ndarray, int]:
+        """(counts of `query` against `ids`, the query's local positions)."""
+        query_map = self._maps([query])[0]
+        todo = [int(i) for i in ids if _pair(query, i) not in self.known]
+        if todo:
+            fresh = mnn_scores(query_map, self._maps(todo), self.precision).numpy()
+            self.known.update({_pair(query, i): int(c) for i, c in zip(todo, fresh, strict=True)})
+        counts = np.array([self.known[_pair(query, int(i))] for i in ids], dtype=np.int64)
+        return counts, query_map.shape[0] * query_map.shape[1]
+
+    def _maps(self, ids: list[int]) -> torch.Tensor:
+        missing = [i for i in ids if i not in self.maps]
+        if missing:
+            read = self.read_local(missing)
+            for i, m in zip(missing, read, strict=True):
+                if self.held_bytes + m.nbytes <= self.cache_bytes:
+                    self.maps[i] = m
+                    self.held_bytes += m.nbytes
+            fresh = dict(zip(missing, read, strict=True))
+        else:
+            fresh = {}
+        return torch.stack([self.maps[i] if i in self.maps else fresh[i] for i in ids])
+
+
+def _pair(a: int, b: int) -> tuple[int, int]:
+    return (a, b) if a <= b else (b, a)
