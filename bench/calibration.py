@@ -15,6 +15,7 @@ document.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -90,27 +91,38 @@ def pooled(sets: dict) -> dict:
 
 
 def build_cost(
-    extractor: FeatureExtractor, shared: Path, work: Path, calibration: SelfCalibrationConfig
+    extractor: FeatureExtractor,
+    shared: Path,
+    work: Path,
+    calibration: SelfCalibrationConfig,
+    repeats: int = 3,
 ) -> dict:
     """All 32 shared images (the triplets located by place), built from scratch without and with
-    self-calibration."""
-
+    self-calibration, alternately `repeats` times (the cores may be shared: medians of interleaved runs)."""
     refs = shared_references(shared, work / "refs")
-    runs = {}
-    for calibrate in (False, True):
-        index_dir = work / f"index-{calibrate}"
-        started = time.perf_counter()
-        config = BuildConfig(refs, index_dir, calibrate=calibrate, calibration=calibration)
-        report = build_index(config, extractor)
-        runs[calibrate] = (time.perf_counter() - started, report)
-    plain_s, (with_s, report) = runs[False][0], runs[True]
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    calibration_s, encode_s = [], []
+    for run in range(repeats):
+        for calibrate in (False, True):
+            index_dir = work / f"index-{calibrate}-{run}"
+            config = BuildConfig(refs, index_dir, calibrate=calibrate, calibration=calibration)
+            started = time.perf_counter()
+            report = build_index(config, extractor)
+            seconds[calibrate].append(time.perf_counter() - started)
+            if calibrate:
+                calibration_s.append(report.calibration_seconds)
+                encode_s.append(report.encode_seconds)
+    plain = statistics.median(seconds[False])
     return {
         "images": report.total,
-        "build_without_calibration_s": round(plain_s, 2),
-        "build_with_calibration_s": round(with_s, 2),
-        "calibration_s": report.calibration_seconds,
-        "calibration_share_of_build": round(report.calibration_seconds / plain_s, 3),
-        "index_dir": str(work / "index-True"),
+        "repeats": repeats,
+        "build_without_calibration_s": round(plain, 2),
+        "build_with_calibration_s": round(statistics.median(seconds[True]), 2),
+        "encode_s": round(statistics.median(encode_s), 2),
+        "calibration_s": round(statistics.median(calibration_s), 3),
+        "calibration_share_of_build": round(statistics.median(calibration_s) / plain, 3),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "index_dir": str(work / f"index-True-{repeats - 1}"),
     }
 
 
