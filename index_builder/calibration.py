@@ -436,6 +436,14 @@ def write_supplied(index_dir: Path, calibration: Calibration) -> Path:
     return path
 
 
+def described(calibration: Calibration | None, note: str) -> dict[str, Any]:
+    """What `index status` and GET /index/status show: the calibration's identity, sample size and fit
+    quality, or why there is none."""
+    if calibration is None:
+        return {"calibrated": False, "note": note}
+    return {"calibrated": True, "note": note, **calibration.summary()}
+
+
 def served_calibration(
     index_dir: Path, stored: dict[str, Any] | None, fingerprint: str, note: str
 ) -> tuple[Calibration | None, str]:

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from index_builder.calibration import served_calibration
+from index_builder.calibration import described, served_calibration
 from index_builder.errors import IndexNotFound
 from index_builder.manifest import IndexManifest
 from index_builder.store import VERSIONS, build_running, current_version_name, version_names
@@ -56,9 +56,7 @@ def _calibration(index_dir: Path, manifest: IndexManifest) -> dict[str, Any]:
     calibration, note = served_calibration(
         index_dir, manifest.calibration, manifest.encoding.fingerprint, manifest.calibration_note
     )
-    if calibration is None:
-        return {"calibrated": False, "note": note}
-    return {"calibrated": True, "note": note, **calibration.summary()}
+    return described(calibration, note)
 
 
 EXIT_OK, EXIT_DAMAGED, EXIT_NO_INDEX = 0, 1, 3

@@ -110,6 +110,8 @@ async def test_min_probability_over_http(index_copy, built, tiny_ckpt):
     write_supplied(index_copy, constant(0.3, fingerprint))
     query = (refs / "p1" / "i0" / "Image059.jpg").read_bytes()
     async with running(settings_for(refs, index_copy, tiny_ckpt)) as (_, client):
+        served = (await client.get("/index/status")).json()["calibration"]
+        assert served["calibrated"] and served["kind"] == "supplied" and served["samples"] == 10
         plain = (await client.post("/localize", files=files(query))).json()
         assert plain["status"] == "located" and plain["probability"] == pytest.approx(0.3)
         assert plain["location"]["lat"] == -27.4772
