@@ -210,13 +210,15 @@ def fit_logistic(
 
 def refit_bias(model: LogisticModel, x: np.ndarray, y: np.ndarray, steps: int = 50) -> LogisticModel:
     """The same weights, the bias fitted again on (x, y) alone: the prior of right answers taken from a
-    sample representative of real queries, the slope from all samples."""
+    sample representative of real queries, the slope from all samples. The bias makes the mean
+    probability on (x, y) equal to the share of right answers, counted with Laplace's rule ((right + 1)
+    / (n + 2)), so that a sample of only right answers still gives a finite bias."""
     z = ((np.asarray(x, dtype=np.float64) - model.mean) / model.scale) @ np.asarray(model.weights)
-    y = np.asarray(y, dtype=np.float64)
+    target = (float(np.sum(y)) + 1.0) / (len(z) + 2.0)
     bias = model.bias
     for _ in range(steps):
         p = _sigmoid(z + bias)
-        step = np.sum(p - y) / (np.sum(p * (1 - p)) + 1e-9)
+        step = (np.sum(p) - target * len(z)) / (np.sum(p * (1 - p)) + 1e-9)
         bias -= step
         if abs(step) < 1e-9:
             break
@@ -360,9 +362,7 @@ def fit_calibration(
 
 def _fit_stage(x: np.ndarray, y: np.ndarray, normal: np.ndarray, stage: str) -> LogisticModel:
     model = fit_logistic(x, y, FEATURES[stage])
-    if len(set(y[normal].tolist())) == 2:
-        model = refit_bias(model, x[normal], y[normal])
-    return model
+    return refit_bias(model, x[normal], y[normal]) if normal.any() else model
 
 
 def fit_answers(
