@@ -101,14 +101,16 @@ def build_cost(
     self-calibration, alternately `repeats` times (the cores may be shared: medians of interleaved runs)."""
     refs = shared_references(shared, work / "refs")
     seconds: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}  # CPU time of this process: steadier when shared
     calibration_s, encode_s = [], []
     for run in range(repeats):
         for calibrate in (False, True):
             index_dir = work / f"index-{calibrate}-{run}"
             config = BuildConfig(refs, index_dir, calibrate=calibrate, calibration=calibration)
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             report = build_index(config, extractor)
             seconds[calibrate].append(time.perf_counter() - started)
+            cpu[calibrate].append(time.process_time() - started_cpu)
             if calibrate:
                 calibration_s.append(report.calibration_seconds)
                 encode_s.append(report.encode_seconds)
@@ -121,6 +123,9 @@ def build_cost(
         "encode_s": round(statistics.median(encode_s), 2),
         "calibration_s": round(statistics.median(calibration_s), 3),
         "calibration_share_of_build": round(statistics.median(calibration_s) / plain, 3),
+        "cpu_without_calibration_s": round(statistics.median(cpu[False]), 2),
+        "cpu_with_calibration_s": round(statistics.median(cpu[True]), 2),
+        "cpu_share": round(statistics.median(cpu[True]) / statistics.median(cpu[False]) - 1, 3),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "index_dir": str(work / f"index-True-{repeats - 1}"),
     }
@@ -160,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--candidates", type=int, default=CANDIDATES, help="... and candidates each")
     parser.add_argument("--skip-build", action="store_true", help="leave out the build-cost measurement")
+    parser.add_argument("--skip-sets", action="store_true", help="leave out the query sets")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -168,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     calibration = SelfCalibrationConfig(max_samples=args.samples, candidates=args.candidates)
     build, cost = {}, {}
     try:
-        sets = query_sets(extractor, args.shared_data, work, args.rerank_k, calibration)
+        sets = (
+            {}
+            if args.skip_sets
+            else query_sets(extractor, args.shared_data, work, args.rerank_k, calibration)
+        )
         if not args.skip_build:
             build = build_cost(extractor, args.shared_data, work / "build", calibration)
             cost = localize_cost(Path(build.pop("index_dir")), args.shared_data, extractor)
@@ -180,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "rerank_k": args.rerank_k,
         "self_calibration": {"max_samples": args.samples, "candidates": args.candidates},
         "sets": sets,
-        "pooled": pooled(sets),
+        "pooled": pooled(sets) if sets else {},
         "build": build,
         "localize": cost,
     }
