@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
-from app.commands import embed, evaluate, index, localize, match, serve, train, weights
+from app.commands import calibrate, embed, evaluate, index, localize, match, serve, train, weights
 from model.errors import SelavprError
 
-COMMANDS = (weights, embed, match, index, localize, serve, evaluate, train)
+COMMANDS = (weights, embed, match, index, localize, serve, evaluate, calibrate, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,3 +88,19 @@ def resolve_strict(request: Request, form_value: bool | None) -> bool:
     if value.lower() in ("0", "false", "no", "off", ""):
         return False
     raise ApiError(422, "validation_error", f"strict: {value!r} is not a boolean")
+
+
+def resolve_min_probability(
+    request: Request, form_value: float | None, default: float | None
+) -> float | None:
+    """`min_probability` (form or query), else the setting (unset: off); 422 outside [0, 1]."""
+    value = _query_or_form(request, "min_probability", form_value)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ApiError(422, "validation_error", f"min_probability: {value!r} is not a number") from None
+    if not 0.0 <= number <= 1.0:
+        raise ApiError(422, "validation_error", f"min_probability: {number} is outside 0..1")
+    return number

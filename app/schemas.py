@@ -33,6 +33,11 @@ class IndexStatusResponse(BaseModel):
         None,
         description="the last background check of the served version's files (None: not yet run, or off)",
     )
+    calibration: dict[str, Any] | None = Field(
+        None,
+        description="the served version's calibration of the answers' probability (as `selavpr index "
+        "status` shows it), or why it has none; None: no version served",
+    )
 
 
 class StoredImage(BaseModel):

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_top_k: int = Field(100, ge=1, description="largest top_k accepted")
     default_rerank_k: int = Field(DEFAULT_RERANK_K, ge=1, description="candidates re-ranked by default")
     max_rerank_k: int = Field(1000, ge=1, description="largest rerank_k accepted")
+    min_probability: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="answers below this calibrated probability say 'unknown' (no location); unset: off",
+    )
 
     max_parts_per_request: int = Field(
         64, ge=1, le=1024, description="multipart fields per request (images, lat, lon, top_k, ...)"

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from index_builder.calibration import Calibration
 from index_builder.encoding import Encoder, LocalEncoder, plan_batches
 from index_builder.global_index import GlobalIndexConfig, build_global_index
 from index_builder.locations import CsvEntry, Location, location_from_filename, read_location_csvs
@@ -34,6 +36,7 @@ from index_builder.manifest import (
     IndexManifest,
     SegmentEntry,
 )
+from index_builder.self_calibration import SelfCalibrationConfig, self_calibrate
 from index_builder.sharding import MAX_SHARDS, Partition, Reference, partition
 from index_builder.sources import ReferenceImage, content_hash, scan_references
 from index_builder.store import (
@@ -62,6 +65,7 @@ from index_builder.store.location_shards import write_location_shards
 from index_builder.store.space import build_bytes_needed
 from model.config import FeatureBlock
 from model.extractor import FeatureExtractor
+from model.matching.defaults import resolve_precision
 
 log = logging.getLogger(__name__)
 # Merging per-shard top-N lists gives the unsharded answer only when each list is exact.
@@ -86,6 +90,8 @@ class BuildConfig:
     global_index: GlobalIndexConfig = field(default_factory=GlobalIndexConfig)
     grace_seconds: float = DEFAULT_GRACE_SECONDS  # superseded versions stay for readers that opened them
     shards: int | None = None  # location shards; None: as many as the published version has (1: none)
+    calibrate: bool = True  # self-calibrate the answers' probability (self_calibration.py)
+    calibration: SelfCalibrationConfig = field(default_factory=SelfCalibrationConfig)
 
     def __post_init__(self) -> None:
         if self.shards is not None and not 1 <= self.shards <= MAX_SHARDS:
@@ -303,6 +309,8 @@ def publish(
         skipped_files=[{"path": p, "reason": why} for p, why in skipped],
         location_problems=scanned.location_problems,
     )
+    calibration, note = _calibrate(config, planned.identity, records, global_desc)
+    report.calibration_seconds = calibration.seconds if calibration else 0.0
     partition = _location_partition(config, previous, records)
     manifest = IndexManifest(
         encoding=planned.identity,
@@ -318,6 +326,8 @@ def publish(
         segments=[_segment_entry(index_dir, s) for s in segments],
         report=report,
         location_shards=partition.shards if partition else [],
+        calibration=calibration.to_dict() if calibration else None,
+        calibration_note=note,
     )
 
     def write_location_files(version_dir: Path) -> list[str]:
@@ -334,6 +344,46 @@ def publish(
     )
     report.version = published.version
     return report
+
+
+def _calibrate(
+    config: BuildConfig, identity: EncodingIdentity, records: Sequence[ImageRecord], global_desc: np.ndarray
+) -> tuple[Calibration | None, str]:
+    """Self-calibration from the stored features (no model forward), matched with the precision a CPU
+    server would use."""
+    if not config.calibrate:
+        return None, "uncalibrated: built with --no-calibrate"
+    reader = _SegmentReader(config.index_dir, records)
+    try:
+        precision = str(resolve_precision(None, torch.device("cpu"), identity.local_shape))
+        calibration, note = self_calibrate(
+            records, global_desc, reader.read, precision, config.calibration, identity.fingerprint
+        )
+    finally:
+        reader.close()
+    log.info("%s", note)
+    return calibration, note
+
+
+class _SegmentReader:
+    """Reference id -> its stored local map (decoded, float32), read from the segments it lives in."""
+
+    def __init__(self, index_dir: Path, records: Sequence[ImageRecord]) -> None:
+        self.index_dir, self.records = index_dir, records
+        self.open: dict[str, SegmentFiles] = {}
+
+    def read(self, ids: Sequence[int]) -> torch.Tensor:
+        maps = []
+        for i in ids:
+            record = self.records[i]
+            if record.segment not in self.open:
+                self.open[record.segment] = SegmentFiles(segment_dir(self.index_dir, record.segment))
+            maps.append(self.open[record.segment].read_local([record.row])[0])
+        return torch.from_numpy(np.stack(maps))
+
+    def close(self) -> None:
+        for files in self.open.values():
+            files.close()
 
 
 def _location_partition(

@@ -21,8 +21,19 @@ import torch
 from tqdm import tqdm
 
 from index_builder.builder import BuildConfig, build_index
+from index_builder.calibration import (
+    STAGES,
+    Calibration,
+    CandidateView,
+    answer_index,
+    expected_calibration_error,
+    precision_recall,
+    reliability,
+    threshold_for_precision,
+)
 from index_builder.global_index import search as global_search
 from index_builder.search import check_compatible, prepare_query
+from index_builder.self_calibration import SelfCalibrationConfig
 from index_builder.store import DEFAULT_GRACE_SECONDS, DEFAULT_LOCAL_DTYPE, IndexVersion
 from model.config import FeatureBlock
 from model.datasets import VPRSplit
@@ -53,6 +64,8 @@ class EvalConfig:
     local_dtype: str = DEFAULT_LOCAL_DTYPE
     model_dtype: str = "float32"
     grace_seconds: float = DEFAULT_GRACE_SECONDS  # for the cached database index's superseded versions
+    place_removed: bool = False  # also answer every query with its true places left out of the database
+    calibration: SelfCalibrationConfig = field(default_factory=SelfCalibrationConfig)  # the database's
 
 
 @dataclass
@@ -70,10 +83,74 @@ class EvalReport:
     global_recalls: dict[str, float]
     reranked_recalls: dict[str, float]
     timings_s: dict[str, float] = field(default_factory=dict)
+    # calibration.summary() of the database index; None: uncalibrated (no probability to evaluate)
+    calibration: dict[str, Any] | None = None
+    answers: dict[str, Any] = field(default_factory=dict)  # answer_quality(): per stage, PR and ECE
+    place_removed: dict[str, Any] | None = None  # place_removed_quality()
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in ("global_recalls", "reranked_recalls")}
         return {**out, "global": self.global_recalls, "reranked": self.reranked_recalls}
+
+
+@dataclass
+class TopAnswers:
+    """Per query, the top-1 answer of each stage: right or wrong, and the numbers it could be ranked by."""
+
+    right: dict[str, list[bool]] = field(default_factory=lambda: {s: [] for s in STAGES})
+    probability: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
+    global_score: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
+    confidence: list[float] = field(default_factory=list)  # the re-ranked answer's (search.py's)
+
+    def add(self, view: CandidateView, calibration: Calibration | None, right: np.ndarray) -> None:
+        """`right`: per candidate of `view`, whether it is a true match of the query."""
+        for stage in STAGES:
+            top = answer_index(view, stage)
+            self.right[stage].append(top is not None and bool(right[top]))
+            self.global_score[stage].append(float(view.scores[top]) if top is not None else -1.0)
+            p = calibration.probability(view, stage) if calibration and top is not None else None
+            self.probability[stage].append(0.0 if p is None else p)
+        top = answer_index(view, "reranked")
+        assert view.counts is not None
+        share = float(view.counts[top]) / max(view.positions, 1) if top is not None else 0.0
+        self.confidence.append(min(1.0, share))
+
+
+def answer_quality(answers: TopAnswers, relevant: int, calibrated: bool) -> dict[str, Any]:
+    """VPR-Bench style, per stage: precision-recall of the top-1 answers ranked by each score (AUC-PR,
+    recall at 100% precision, the curve), and for the probability its ECE and reliability table."""
+    out: dict[str, Any] = {}
+    for stage in STAGES:
+        right = np.array(answers.right[stage])
+        by = {"global_score": answers.global_score[stage]}
+        if stage == "reranked":
+            by["confidence"] = answers.confidence
+        if calibrated:
+            by["probability"] = answers.probability[stage]
+        out[stage] = {f"by_{k}": precision_recall(np.array(v), right, relevant) for k, v in by.items()}
+        if calibrated:
+            p = np.array(answers.probability[stage])
+            out[stage]["ece"] = round(expected_calibration_error(p, right), 4)
+            out[stage]["reliability"] = reliability(p, right)
+    return out
+
+
+def place_removed_quality(normal: TopAnswers, removed: TopAnswers, precision: float = 0.95) -> dict[str, Any]:
+    """With the true places left out every answer is wrong: the share rejected (probability below the
+    threshold that gives `precision` on the normal run), per stage."""
+    out: dict[str, Any] = {"target_precision": precision}
+    for stage in STAGES:
+        p = np.array(normal.probability[stage])
+        threshold = threshold_for_precision(p, np.array(normal.right[stage]), precision)
+        removed_p = np.array(removed.probability[stage])
+        rejected = float(np.mean(removed_p < threshold)) if threshold is not None and len(removed_p) else None
+        out[stage] = {
+            "threshold": threshold,
+            "rejected": None if rejected is None else round(rejected, 4),
+            "wrong_anyway": int(len(removed_p) - sum(removed.right[stage])),
+            "queries": len(removed_p),
+        }
+    return out
 
 
 def recall_at(
@@ -117,19 +194,23 @@ def evaluate(
             batch_size=config.batch_size,
             local_dtype=config.local_dtype,
             grace_seconds=config.grace_seconds,
+            calibration=config.calibration,
         ),
         extractor=extractor,
     )
     timings["encode_database"] = time.perf_counter() - started
     version = IndexVersion.open_current(index_dir)
+    positives = split.positives(config.threshold_m)
     try:
         check_compatible(version, extractor)
         order = _database_order(version, split)
-        predictions_global, predictions_reranked = _predict(config, split, version, extractor, show_progress)
+        calibration = version.calibration
+        predicted = _predict(config, split, version, extractor, show_progress, order, positives)
+        predictions_global, predictions_reranked, normal, removed = predicted
     finally:
         version.close()
     timings["queries"] = time.perf_counter() - started - timings["encode_database"]
-    positives = split.positives(config.threshold_m)
+    relevant = sum(1 for p in positives if len(p))
     ns = sorted(config.recalls)
     as_dataset = [order[p] for p in predictions_global], [order[p] for p in predictions_reranked]
     return EvalReport(
@@ -146,6 +227,9 @@ def evaluate(
         global_recalls=recall_at(as_dataset[0], positives, ns),
         reranked_recalls=recall_at(as_dataset[1], positives, ns),
         timings_s={k: round(v, 2) for k, v in timings.items()},
+        calibration=calibration.summary() if calibration else None,
+        answers=answer_quality(normal, relevant, calibration is not None),
+        place_removed=place_removed_quality(normal, removed) if removed and calibration else None,
     )
 
 
@@ -184,26 +268,45 @@ def _predict(
     version: IndexVersion,
     extractor: FeatureExtractor,
     show_progress: bool,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    depth = max(config.rerank_k, max(config.recalls))
+    order: np.ndarray,
+    positives: Sequence[np.ndarray],
+) -> tuple[list[np.ndarray], list[np.ndarray], TopAnswers, TopAnswers | None]:
+    """Predictions of both stages, and each query's top-1 answers (normal, and with its true places
+    left out of the database when config.place_removed). The extra depth lets the place-removed run
+    re-rank as many candidates as the normal one."""
+    extra = max((len(p) for p in positives), default=0) if config.place_removed else 0
+    depth = max(config.rerank_k, max(config.recalls)) + extra
     global_predictions, reranked_predictions = [], []
+    normal, removed = TopAnswers(), TopAnswers() if config.place_removed else None
+    calibration = version.calibration
     bar = tqdm(total=len(split.queries_paths), desc="queries", unit="img", disable=not show_progress or None)
     for start in range(0, len(split.queries_paths), config.batch_size):
         paths = split.queries_paths[start : start + config.batch_size]
         batch = torch.stack([prepare_query(extractor, p, str(p)).tensor for p in paths])
         global_desc, local = extractor.extract_tensors(batch)
-        _, ids = global_search(version.index, global_desc.float().cpu().numpy(), depth)
+        scores, ids = global_search(version.index, global_desc.float().cpu().numpy(), depth)
         for q in range(len(paths)):
-            candidates = ids[q][ids[q] >= 0]
-            head = candidates[: config.rerank_k]
+            found = ids[q] >= 0
+            candidates, candidate_scores = ids[q][found], scores[q][found]
+            true_place = np.isin(order[candidates], positives[start + q])
+            counted = candidates[: config.rerank_k + extra]
             query_local = local[q].float()  # re-ranked where the model ran (a GPU when there is one)
-            cands = version.candidate_maps(head.tolist(), query_local.device)
-            counts = mnn_scores(query_local, cands, config.precision, device=query_local.device)
-            global_predictions.append(candidates)
-            reranked_predictions.append(np.concatenate([head[rerank_order(counts)], candidates[len(head) :]]))
+            cands = version.candidate_maps(counted.tolist(), query_local.device)
+            counts = mnn_scores(query_local, cands, config.precision, device=query_local.device).numpy()
+            positions = query_local.shape[0] * query_local.shape[1]
+            head = np.arange(min(config.rerank_k, len(candidates)))
+            tail = candidates[len(head) : depth - extra]
+            global_predictions.append(candidates[: depth - extra])
+            reranked_predictions.append(np.concatenate([candidates[head][rerank_order(counts[head])], tail]))
+            view = version.locations.view(candidates[head], candidate_scores[head], counts[head], positions)
+            normal.add(view, calibration, true_place[head])
+            if removed is not None:  # the same query against the database without its true places
+                keep = np.nonzero(~true_place[: len(counted)])[0][: config.rerank_k]
+                kept = candidates[keep], candidate_scores[keep], counts[keep]
+                removed.add(version.locations.view(*kept, positions), calibration, true_place[keep])
         bar.update(len(paths))
     bar.close()
-    return global_predictions, reranked_predictions
+    return global_predictions, reranked_predictions, normal, removed
 
 
 def plot_recalls(report: EvalReport, path: Path) -> None:

@@ -77,6 +77,7 @@ class BuildReport:
     seconds: float
     with_location: int = 0
     encode_seconds: float = 0.0
+    calibration_seconds: float = 0.0
     skipped_files: list[dict[str, str]] = field(default_factory=list)
     location_problems: list[str] = field(default_factory=list)
 
@@ -101,6 +102,9 @@ class IndexManifest:
     segments: list[SegmentEntry]
     report: BuildReport | None = None
     location_shards: list[ShardPlan] = field(default_factory=list)  # empty: one index, not sharded
+    # index_builder.calibration.Calibration.to_dict(); None: answers are served uncalibrated (why: the note)
+    calibration: dict[str, Any] | None = None
+    calibration_note: str = ""
     # set when the version is published
     version: str = ""
     created_at: str = ""
@@ -122,6 +126,8 @@ class IndexManifest:
             segments=[SegmentEntry(**s) for s in data["segments" if "segments" in data else "shards"]],
             report=BuildReport.from_dict(report) if report else None,
             location_shards=[ShardPlan.from_dict(s) for s in data.get("location_shards", [])],
+            calibration=data.get("calibration"),
+            calibration_note=data.get("calibration_note", "uncalibrated: built before calibration existed"),
             version=data["version"],
             created_at=data["created_at"],
             files=dict(data["files"]),

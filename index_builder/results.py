@@ -3,6 +3,8 @@ by the CLI (`selavpr localize` prints it as JSON) and the HTTP API (its response
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 DEFAULT_TOP_K = 5  # matches returned
@@ -43,6 +45,21 @@ class LocalizeResult(BaseModel):
     matches: list[Match]
     location: EstimatedLocation | None
     index_version: str
+    status: Literal["located", "unknown", "no_location"] = Field(
+        "located",
+        description="located: `location` is the answer; unknown: its probability is below the request's "
+        "min_probability (likely a place missing from the database), no location given; no_location: "
+        "no match has a location",
+    )
+    probability: float | None = Field(
+        None,
+        description="calibrated P(the answer's location is within `radius_m` of the truth); null when the "
+        "index version is uncalibrated or nothing is located",
+    )
+    radius_m: float | None = Field(None, description="the radius `probability` is about (25 m by default)")
+    calibration: str | None = Field(
+        None, description="the calibration's id (self-... fitted at build time, supplied-...); null: none"
+    )
     timings_ms: Timings = Field(default_factory=Timings)
     partial: bool = Field(
         False, description="true when a location shard did not answer in time: its references are missing"
@@ -53,3 +70,14 @@ class LocalizeResult(BaseModel):
     coverage: float = Field(
         1.0, description="share of the searched references (all, or those a location prior selects) answered"
     )
+
+
+def apply_min_probability(result: LocalizeResult, min_probability: float | None) -> LocalizeResult:
+    """Below `min_probability` the answer becomes 'unknown': no location, the matches still listed. An
+    uncalibrated answer (probability null) cannot be judged and is left as it is (its `calibration` is
+    null)."""
+    if min_probability is None or result.location is None or result.probability is None:
+        return result
+    if result.probability < min_probability:
+        result.location, result.status = None, "unknown"
+    return result

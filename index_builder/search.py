@@ -9,8 +9,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from index_builder.calibration import CandidateView
 from index_builder.errors import CheckpointMismatch
 from index_builder.results import (
     DEFAULT_RERANK_K,
@@ -77,6 +79,8 @@ class Localizer:
         engine = native.describe() if extractor.device.type == "cpu" else str(extractor.device)
         log.info("index %s: re-ranking %s maps in %s (%s)", index.name, _shape(index), self.mode, engine)
         self.searchers = searchers_of(index)
+        if index.calibration is not None:
+            _ = index.locations  # read now, not by the first query
         if extractor.device.type != "cpu" and 0 < index.stored_local_bytes() <= resident_max_bytes:
             make_resident(index, extractor.device)
 
@@ -148,6 +152,23 @@ class Localizer:
             results.append(result)
         return results
 
+    def candidate_views(self, queries: Sequence[Query], rerank_k: int) -> list[CandidateView]:
+        """What the answers' probabilities are computed from, for fitting a calibration: each query's
+        re-ranked candidates (every shard, no prior) with their scores, counts and locations."""
+        global_desc, local = self.extractor.extract_tensors(torch.stack([q.tensor for q in queries]))
+        global_np, local = global_desc.float().cpu().numpy(), local.float()
+        everything = shards_to_search(self.index, None)
+        tops = {k: self.searchers[k].top(global_np, rerank_k) for k in everything}
+        views = []
+        for i in range(len(queries)):
+            candidates = merge([tops[k][i] for k in everything], rerank_k)
+            counted = rerank_counts(candidates, self._count_locally(local[i]), self.mode)
+            answered = counted.counts >= 0
+            positions = local[i].shape[0] * local[i].shape[1]
+            ids, scores = candidates.ids[answered], candidates.scores[answered]
+            views.append(self.index.locations.view(ids, scores, counted.counts[answered], positions))
+        return views
+
     def localize(
         self,
         source: ImageSource,
@@ -185,17 +206,35 @@ def answer(
         for rank, (i, record) in enumerate(zip(order, records, strict=True), start=1)
     ]
     positions = query_local.shape[0] * query_local.shape[1]
+    location = estimate_location(matches, positions)
+    probability = answer_probability(version, scores, ids, counts, positions) if location else None
     sizes = shard_sizes(version)
     total = sum(sizes[k] for k in searched)
     covered = sum(sizes[k] for k in searched if k not in counted.missing)
     return LocalizeResult(
         matches=matches,
-        location=estimate_location(matches, positions),
+        location=location,
         index_version=version.name,
+        status="located" if location else "no_location",
+        probability=probability,
+        radius_m=version.calibration.radius_m if version.calibration else None,
+        calibration=version.calibration.id if version.calibration else None,
         partial=bool(counted.missing),
         missing_shards=[shard_key(k) for k in sorted(counted.missing)],
         coverage=round(covered / total, 6) if total else 1.0,
     )
+
+
+def answer_probability(
+    version: IndexVersion, scores: np.ndarray, ids: np.ndarray, counts: np.ndarray, positions: int
+) -> float | None:
+    """The version's calibrated probability of the re-ranked answer (None: uncalibrated). Only arrays
+    the search already holds and the in-memory locations: microseconds per query."""
+    if version.calibration is None:
+        return None
+    view = version.locations.view(ids, scores, np.asarray(counts), positions)
+    probability = version.calibration.probability(view, "reranked")
+    return None if probability is None else round(probability, 4)
 
 
 def shard_sizes(version: IndexVersion) -> list[int]:

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from index_builder.calibration import described, served_calibration
 from index_builder.errors import IndexNotFound
 from index_builder.manifest import IndexManifest
 from index_builder.store import VERSIONS, build_running, current_version_name, version_names
@@ -43,10 +44,19 @@ def index_status(index_dir: Path, verify: bool = False) -> dict[str, Any]:
             {"key": s.key, "count": s.count, "located": s.located} for s in manifest.location_shards
         ],
         "last_report": asdict(report) if report else None,
+        "calibration": _calibration(index_dir, manifest),
     }
     if verify:
         status["verification"] = verify_version(index_dir, manifest).to_dict()
     return status
+
+
+def _calibration(index_dir: Path, manifest: IndexManifest) -> dict[str, Any]:
+    """The calibration the version answers with (identity, sample size, fit quality), or why none."""
+    calibration, note = served_calibration(
+        index_dir, manifest.calibration, manifest.encoding.fingerprint, manifest.calibration_note
+    )
+    return described(calibration, note)
 
 
 EXIT_OK, EXIT_DAMAGED, EXIT_NO_INDEX = 0, 1, 3

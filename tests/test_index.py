@@ -257,8 +257,14 @@ def test_localize_answers_in_the_api_shape(refs, tmp_path, tiny_ckpt):
         "partial",
         "missing_shards",
         "coverage",
+        "status",
+        "probability",
+        "radius_m",
+        "calibration",
     }
     assert (result["partial"], result["missing_shards"], result["coverage"]) == (False, [], 1.0)
+    # one located reference: too few to calibrate, so no probability, and said so
+    assert (result["status"], result["probability"], result["calibration"]) == ("located", None, None)
     assert set(result["timings_ms"]) == {"decode", "extract", "search", "rerank", "total"}
     top = result["matches"][0]
     assert set(top) == {

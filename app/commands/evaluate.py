@@ -52,7 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--queries-list", type=Path, help="only these queries (e.g. the official MSLS-val 740)"
     )
-    parser.add_argument("--out", type=Path, help="write the results JSON here")
+    parser.add_argument(
+        "--place-removed",
+        action="store_true",
+        help="also answer each query with its true places left out of the database: the share rejected at "
+        "the probability giving 95%% precision on the normal run",
+    )
+    parser.add_argument("--out", type=Path, help="write the results JSON here (with PR curves, reliability)")
     parser.add_argument("--plot", type=Path, help="draw Recall@N curves to this PNG (not with a sweep)")
     parser.add_argument("--index-dir", type=Path, help="database index (default: a cache directory)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
@@ -86,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         local_dtype=args.local_dtype,
         model_dtype=args.model_dtype,
+        place_removed=args.place_removed,
     )
     if args.feature_blocks is not None:
         return run_sweep(args, config)
@@ -125,7 +132,45 @@ def table(report: EvalReport) -> str:
         "global     " + "".join(f"{report.global_recalls[n]:9.2f}" for n in ns),
         "re-ranked  " + "".join(f"{report.reranked_recalls[n]:9.2f}" for n in ns),
     ]
-    return "\n".join(rows)
+    return "\n".join(rows + answers_table(report))
+
+
+def answers_table(report: EvalReport) -> list[str]:
+    """Top-1 answers ranked by each score: AUC-PR and recall at 100% precision; the probability's ECE
+    and reliability; the place-removed run's rejections."""
+    if not report.answers:
+        return []
+    rows = ["", "top-1 answers ranked by   AUC-PR   R@100%P", *_score_rows(report)]
+    if report.calibration is None:
+        return [*rows, "uncalibrated index: no probability to evaluate"]
+    rows.append(f"calibration {report.calibration['id']}: {report.calibration['source']}")
+    for stage in ("global", "reranked"):
+        quality = report.answers[stage]
+        rows.append(f"{stage} probability: ECE {quality['ece']:.3f} over 10 bins; reliability:")
+        rows += [
+            f"  [{b['bin'][0]:.1f}, {b['bin'][1]:.1f}) n={b['n']:<4} mean p {b['mean_probability']:.3f}"
+            f"  right {b['accuracy']:.3f}"
+            for b in quality["reliability"]
+        ]
+    if report.place_removed:
+        for stage in ("global", "reranked"):
+            removed = report.place_removed[stage]
+            share = "n/a" if removed["rejected"] is None else f"{100 * removed['rejected']:.1f}%"
+            rows.append(
+                f"true places removed, {stage}: {share} of {removed['queries']} rejected below p = "
+                f"{removed['threshold']} (95% precision on the normal run)"
+            )
+    return rows
+
+
+def _score_rows(report: EvalReport) -> list[str]:
+    rows = []
+    for stage in ("global", "reranked"):
+        for key, quality in report.answers[stage].items():
+            if key.startswith("by_"):
+                auc, at_100 = quality["auc_pr"], quality["recall_at_100_precision"]
+                rows.append(f"  {stage:9} {key[3:]:14} {auc:7.3f} {at_100:9.3f}")
+    return rows
 
 
 def sweep_table(reports: list[EvalReport]) -> str:

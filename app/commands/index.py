@@ -53,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     build.add_argument("--decode-workers", type=positive_int, default=2)
     build.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="skip self-calibration: answers carry no probability (docs: evaluation)",
+    )
+    build.add_argument(
         "--grace-seconds",
         type=float,
         default=DEFAULT_GRACE_SECONDS,
@@ -118,6 +124,7 @@ def run_build(args: argparse.Namespace) -> int:
         feature_block=args.feature_block,
         model_dtype=args.model_dtype,
         full=args.full,
+        calibrate=args.calibrate,
         batch_size=args.batch_size,
         segment_size=args.segment_size,
         decode_workers=args.decode_workers,

@@ -30,6 +30,7 @@ FLAGS = {
     "--max-connections": ("max_connections", positive_int),
     "--resident-maps-bytes": ("resident_maps_bytes", int),
     "--shard-timeout-s": ("shard_timeout_s", float),
+    "--min-probability": ("min_probability", float),
 }
 
 

@@ -12,6 +12,7 @@ from app.schemas import ErrorResponse, IndexStatusResponse, RebuildJob, UploadRe
 from app.service import VPRService
 from app.settings import Settings
 from app.uploads import read_uploads
+from index_builder.calibration import described
 from index_builder.errors import BuildInProgress, IndexStoreError
 from index_builder.geo import UTM_MAX_LAT, UTM_MIN_LAT
 from index_builder.rollback import rollback
@@ -58,6 +59,9 @@ def status(service: VPRService = Depends(get_service)) -> dict:
         "last_report": rebuilds.last_report.summary() if rebuilds and rebuilds.last_report else None,
         "last_error": rebuilds.last_error if rebuilds else service.index_problem,
         "verification": _verification(service),
+        "calibration": described(localizer.index.calibration, localizer.index.calibration_note)
+        if localizer
+        else None,
     }
 
 

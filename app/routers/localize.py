@@ -13,6 +13,7 @@ from app.dependencies import (
     get_settings,
     require_localize_key,
     resolve_k,
+    resolve_min_probability,
     resolve_prior,
     resolve_strict,
 )
@@ -21,7 +22,7 @@ from app.schemas import BatchResponse, ErrorResponse
 from app.service import VPRService
 from app.settings import Settings
 from app.uploads import read_uploads
-from index_builder.results import LocalizeResult
+from index_builder.results import LocalizeResult, apply_min_probability
 
 router = APIRouter(tags=["localize"], dependencies=[Depends(require_localize_key)])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
@@ -60,16 +61,23 @@ async def localize(
     strict: bool | None = Form(
         None, description="answer 503 with Retry-After instead of a partial answer when a shard is missing"
     ),
+    min_probability: float | None = Form(
+        None,
+        description="below this calibrated probability the answer is 'unknown' (no location, matches "
+        "still listed); default: the server's setting, off unless set",
+    ),
     service: VPRService = Depends(get_service),
     settings: Settings = Depends(get_settings),
 ) -> LocalizeResult:
     k, rk = _ks(request, settings, top_k, rerank_k, 1)
     prior, strict = resolve_prior(request, lat, lon, radius_m), resolve_strict(request, strict)
+    threshold = resolve_min_probability(request, min_probability, settings.min_probability)
     (data,) = await read_uploads([image], settings)
 
     async def work() -> LocalizeResult:
         query = await run_in_threadpool(service.prepare, data)
-        return _complete_or_503(await service.localize(query, k, rk, prior=prior), strict, settings)
+        result = _complete_or_503(await service.localize(query, k, rk, prior=prior), strict, settings)
+        return apply_min_probability(result, threshold)
 
     return await answered_in_time(request, settings, work())
 
@@ -88,18 +96,25 @@ async def localize_batch(
     strict: bool | None = Form(
         None, description="answer 503 with Retry-After instead of a partial answer when a shard is missing"
     ),
+    min_probability: float | None = Form(
+        None,
+        description="below this calibrated probability the answer is 'unknown' (no location, matches "
+        "still listed); default: the server's setting, off unless set",
+    ),
     service: VPRService = Depends(get_service),
     settings: Settings = Depends(get_settings),
 ) -> BatchResponse:
     k, rk = _ks(request, settings, top_k, rerank_k, len(image))
     prior, strict = resolve_prior(request, lat, lon, radius_m), resolve_strict(request, strict)
+    threshold = resolve_min_probability(request, min_probability, settings.min_probability)
     contents = await read_uploads(image, settings)
 
     async def work() -> BatchResponse:
         queries = [await run_in_threadpool(service.prepare, data) for data in contents]
         owner = service.new_owner()  # its queries take turns with other requests'
         results = await asyncio.gather(*(service.localize(q, k, rk, owner, prior) for q in queries))
-        return BatchResponse(results=[_complete_or_503(r, strict, settings) for r in results])
+        checked = [_complete_or_503(r, strict, settings) for r in results]
+        return BatchResponse(results=[apply_min_probability(r, threshold) for r in checked])
 
     return await answered_in_time(request, settings, work())
 

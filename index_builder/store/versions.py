@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 import torch
 
+from index_builder.calibration import Calibration, Locations, served_calibration, zone_ids
 from index_builder.errors import IndexNotFound, IndexStoreError
 from index_builder.global_index import read_global_index, write_global_index
 from index_builder.manifest import MANIFEST_FILE, IndexManifest
@@ -152,6 +153,11 @@ class IndexVersion:
         self.id_row = np.array([r["row"] for r in locations], dtype=np.int32)
         self.segments = segments
         self.resident: ResidentMaps | None = None  # make_resident: the local maps in a GPU's memory
+        self.calibration: Calibration | None
+        self.calibration, self.calibration_note = served_calibration(
+            index_dir, self.manifest.calibration, self.identity.fingerprint, self.manifest.calibration_note
+        )
+        self._locations: Locations | None = None
         # a version dropped without close() (a server swapping in a newer one) still releases its files
         self._finalizer = weakref.finalize(self, _close_version, self.segments, self.db)
 
@@ -175,6 +181,18 @@ class IndexVersion:
         ).fetchall()
         by_id = {r["id"]: record_of(r) for r in rows}
         return [by_id[int(i)] for i in ids]
+
+    @property
+    def locations(self) -> Locations:
+        """Every reference's UTM location by id (24 bytes each), read once: the answer's probability
+        looks at where all the re-ranked candidates are."""
+        if self._locations is None:
+            rows = self.db.execute("SELECT utm_east, utm_north, utm_zone FROM images ORDER BY id").fetchall()
+            east = np.array([np.nan if r[0] is None else r[0] for r in rows], dtype=np.float64)
+            north = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=np.float64)
+            zone, zone_of = zone_ids([(r[2] or "") if r[0] is not None else None for r in rows])
+            self._locations = Locations(east, north, zone, zone_of)
+        return self._locations
 
     def all_records(self) -> list[ImageRecord]:
         return [record_of(r) for r in self.db.execute("SELECT * FROM images ORDER BY id")]

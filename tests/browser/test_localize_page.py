@@ -218,3 +218,25 @@ def _grey_png() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (256, 256), (200, 210, 200)).save(out, "PNG")
     return out.getvalue()
+
+
+def test_an_answer_below_the_chosen_probability_shows_an_unknown_place(site, server):
+    query = server.queries[4]
+    response = server.post(
+        "/localize",
+        files={"image": (query.name, query.read_bytes())},
+        data={"top_k": 5, "min_probability": "0.95"},
+    )
+    expected = response.json()
+    site.select_option("#min-probability", "0.95")
+    site.set_input_files("#query-file", str(query))
+    # the matches are listed either way
+    expect(site.locator("#matches .match")).to_have_count(len(expected["matches"]), timeout=60_000)
+    estimate = site.locator("#estimate")
+    if expected["status"] == "unknown":
+        expect(estimate).to_contain_text("Unknown place")
+        expect(estimate).to_have_class(re.compile("unknown"))
+        expect(site.locator("#map .confidence-circle")).to_have_count(0)
+    else:
+        expect(estimate).to_contain_text(f"probability {expected['probability'] * 100:.0f} %")
+    site.select_option("#min-probability", "")

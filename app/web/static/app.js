@@ -127,6 +127,7 @@ async function localize(file) {
   const form = new FormData();
   form.append("image", file, file.name);
   form.append("top_k", $("top-k").value);
+  if ($("min-probability").value) form.append("min_probability", $("min-probability").value);
   $("localize-busy").hidden = false;
   const started = performance.now();
   try {
@@ -145,15 +146,34 @@ function renderResult(file, result, roundTripMs) {
   $("result").hidden = false;
   $("query-preview").src = state.queryUrl;
   $("query-caption").textContent = `${file.name} · ${fileSize(file.size)}`;
-  const estimate = result.location;
-  $("estimate").textContent = estimate
-    ? `Estimated location ${estimate.lat.toFixed(5)}, ${estimate.lon.toFixed(5)} ` +
-      `(from match #${rankOf(result, estimate.source_id)}; confidence ${(estimate.confidence * 100).toFixed(1)} %: ` +
-      "the share of the photo's local features with a mutual match)"
-    : "No location: none of the matches has one.";
+  $("estimate").textContent = describeEstimate(result);
+  $("estimate").classList.toggle("unknown", result.status === "unknown");
   renderTimings(result.timings_ms, roundTripMs);
   renderMatches(result);
   drawMap(result);
+}
+
+/** What the answer says, and how far to trust it (docs: evaluation, "the answer's probability"). */
+function describeEstimate(result) {
+  const estimate = result.location;
+  const probability = result.probability;
+  const trust =
+    probability === null || probability === undefined
+      ? "this index is uncalibrated: no probability"
+      : `probability ${(probability * 100).toFixed(0)} % that it is within ${result.radius_m} m of the truth`;
+  if (result.status === "unknown") {
+    return (
+      `Unknown place: the best answer is probably wrong (${trust}, below the ` +
+      `${(Number($("min-probability").value) * 100).toFixed(0)} % asked for). ` +
+      "The photo's place may be missing from the references; the closest matches are listed below."
+    );
+  }
+  if (!estimate) return "No location: none of the matches has one.";
+  return (
+    `Estimated location ${estimate.lat.toFixed(5)}, ${estimate.lon.toFixed(5)} ` +
+    `(from match #${rankOf(result, estimate.source_id)}; ${trust}; confidence ` +
+    `${(estimate.confidence * 100).toFixed(1)} %: the share of the photo's local features with a mutual match)`
+  );
 }
 
 function rankOf(result, id) {

@@ -1,0 +1,203 @@
+"""Benchmark: the calibrated probability on the shared images (docs/benchmarks.md, "Knowing when the
+answer is wrong").
+
+Three query sets from matching_triplets (each view i0, i1, i2 in turn the queries, the other two views
+the database; `bench.shared_dataset`). For each: the database index is built (self-calibrated), then
+`selavpr eval --place-removed`: AUC-PR and recall at 100% precision of the top-1 answers ranked by the
+probability, today's confidence and the global score; the probability's ECE over 10 bins; the share
+rejected with the true places removed. Also: what self-calibration adds to a build of all 32 shared images
+(built once without, once with), and what computing the probability costs per /localize. One JSON
+document.
+
+    python -m bench.calibration [--out FILE] [--rerank-k 100] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import DEFAULT_SHARED, emit, machine
+from bench.shared_dataset import make_dataset
+from index_builder.builder import BuildConfig, build_index
+from index_builder.evaluate import EvalConfig, evaluate
+from index_builder.search import Localizer, answer_probability
+from index_builder.self_calibration import CANDIDATES, MAX_SAMPLES, SelfCalibrationConfig
+from model.extractor import FeatureExtractor, resolve_device
+from tests.helpers import shared_references
+
+VIEWS = ("i0", "i1", "i2")
+
+
+def query_sets(
+    extractor: FeatureExtractor, shared: Path, work: Path, rerank_k: int, calibration: SelfCalibrationConfig
+) -> dict:
+    sets = {}
+    for view in VIEWS:
+        root = make_dataset(work / f"queries-{view}", shared, query_view=view)
+        config = EvalConfig(
+            dataset=root,
+            rerank_k=rerank_k,
+            index_dir=root / "index",
+            place_removed=True,
+            calibration=calibration,
+        )
+        report = evaluate(config, extractor, show_progress=False)
+        sets[f"queries {view}"] = {
+            "queries": report.queries,
+            "database": report.database,
+            "recall_at_1": {"global": report.global_recalls["1"], "reranked": report.reranked_recalls["1"]},
+            "calibration": report.calibration,
+            "answers": {stage: _summary(quality) for stage, quality in report.answers.items()},
+            "reliability": {stage: quality.get("reliability") for stage, quality in report.answers.items()},
+            "place_removed": report.place_removed,
+        }
+    return sets
+
+
+def _summary(quality: dict) -> dict:
+    out = {
+        key[3:]: {"auc_pr": q["auc_pr"], "recall_at_100_precision": q["recall_at_100_precision"]}
+        for key, q in quality.items()
+        if key.startswith("by_")
+    }
+    return out | {"ece": quality.get("ece")}
+
+
+def pooled(sets: dict) -> dict:
+    """ECE of all queries of all sets together (10 bins), from the per-set reliability rows."""
+    out = {}
+    for stage in ("global", "reranked"):
+        bins: dict[int, list[float]] = {}
+        for data in sets.values():
+            for row in data["reliability"][stage] or []:
+                b = bins.setdefault(round(row["bin"][0] * 10), [0, 0.0, 0.0])
+                b[0] += row["n"]
+                b[1] += row["n"] * row["mean_probability"]
+                b[2] += row["n"] * row["accuracy"]
+        total = sum(b[0] for b in bins.values())
+        ece = sum(abs(b[1] - b[2]) for b in bins.values()) / total if total else None
+        out[stage] = {"queries": total, "ece": None if ece is None else round(ece, 4)}
+    return out
+
+
+def build_cost(
+    extractor: FeatureExtractor,
+    shared: Path,
+    work: Path,
+    calibration: SelfCalibrationConfig,
+    repeats: int = 3,
+) -> dict:
+    """All 32 shared images (the triplets located by place), built from scratch without and with
+    self-calibration, alternately `repeats` times (the cores may be shared: medians of interleaved runs)."""
+    refs = shared_references(shared, work / "refs")
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}  # CPU time of this process: steadier when shared
+    calibration_s, encode_s = [], []
+    for run in range(repeats):
+        for calibrate in (False, True):
+            index_dir = work / f"index-{calibrate}-{run}"
+            config = BuildConfig(refs, index_dir, calibrate=calibrate, calibration=calibration)
+            started, started_cpu = time.perf_counter(), time.process_time()
+            report = build_index(config, extractor)
+            seconds[calibrate].append(time.perf_counter() - started)
+            cpu[calibrate].append(time.process_time() - started_cpu)
+            if calibrate:
+                calibration_s.append(report.calibration_seconds)
+                encode_s.append(report.encode_seconds)
+    plain = statistics.median(seconds[False])
+    return {
+        "images": report.total,
+        "repeats": repeats,
+        "build_without_calibration_s": round(plain, 2),
+        "build_with_calibration_s": round(statistics.median(seconds[True]), 2),
+        "encode_s": round(statistics.median(encode_s), 2),
+        "calibration_s": round(statistics.median(calibration_s), 3),
+        "calibration_share_of_build": round(statistics.median(calibration_s) / plain, 3),
+        "cpu_without_calibration_s": round(statistics.median(cpu[False]), 2),
+        "cpu_with_calibration_s": round(statistics.median(cpu[True]), 2),
+        "cpu_share": round(statistics.median(cpu[True]) / statistics.median(cpu[False]) - 1, 3),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "index_dir": str(work / f"index-True-{repeats - 1}"),
+    }
+
+
+def localize_cost(index_dir: Path, shared: Path, extractor: FeatureExtractor, repeats: int = 200) -> dict:
+    """The probability's own time per answer (features + model, from the search's arrays) against a
+    whole localization of a shared photo."""
+    localizer = Localizer(Localizer.open(index_dir, device=str(extractor.device)).index, extractor)
+    query = next((shared / "matching_triplets" / "p2" / "i2").iterdir())
+    totals = [localizer.localize(query, str(query)).timings_ms.total for _ in range(5)]
+    version = localizer.index
+    rng = np.random.default_rng(0)
+    k = min(100, len(version))
+    ids = rng.choice(len(version), size=k, replace=False)
+    scores, counts = np.sort(rng.random(k))[::-1], rng.integers(0, 200, size=k)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        answer_probability(version, scores, ids, counts, 256)
+    per_answer_ms = (time.perf_counter() - started) / repeats * 1e3
+    total_ms = statistics.median(totals)
+    return {
+        "candidates": k,
+        "probability_ms": round(per_answer_ms, 4),
+        "localize_total_ms": round(total_ms, 1),
+        "share": round(per_answer_ms / total_ms, 5),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.calibration", description=__doc__.split("\n")[0])
+    parser.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED)
+    parser.add_argument("--rerank-k", type=int, default=100)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--samples", type=int, default=MAX_SAMPLES, help="self-calibration's held-out references"
+    )
+    parser.add_argument("--candidates", type=int, default=CANDIDATES, help="... and candidates each")
+    parser.add_argument("--skip-build", action="store_true", help="leave out the build-cost measurement")
+    parser.add_argument("--skip-sets", action="store_true", help="leave out the query sets")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    extractor = FeatureExtractor.from_checkpoint("default", device=str(device))
+    work = Path(tempfile.mkdtemp(prefix="bench-calibration-"))
+    calibration = SelfCalibrationConfig(max_samples=args.samples, candidates=args.candidates)
+    build, cost = {}, {}
+    try:
+        sets = (
+            {}
+            if args.skip_sets
+            else query_sets(extractor, args.shared_data, work, args.rerank_k, calibration)
+        )
+        if not args.skip_build:
+            build = build_cost(extractor, args.shared_data, work / "build", calibration)
+            cost = localize_cost(Path(build.pop("index_dir")), args.shared_data, extractor)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {
+        "machine": machine(device),
+        "checkpoint": extractor.info.description,
+        "rerank_k": args.rerank_k,
+        "self_calibration": {"max_samples": args.samples, "candidates": args.candidates},
+        "sets": sets,
+        "pooled": pooled(sets) if sets else {},
+        "build": build,
+        "localize": cost,
+    }
+    emit(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
