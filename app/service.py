@@ -58,15 +58,8 @@ class PairsJob:
 
 def served_extractor(settings: Settings, device: str | None = None) -> FeatureExtractor:
     """The model as the settings describe it (on `device` instead of settings.device when given)."""
-    return FeatureExtractor.from_checkpoint(
-        settings.checkpoint,
-        device or settings.device,
-        image_size=settings.image_size,
-        local_mode=settings.local_mode,
-        feature_block=settings.feature_block,
-        max_pixels=settings.max_pixels,
-        model_dtype=settings.model_dtype,
-    )
+    options = settings.model_options()
+    return FeatureExtractor.from_options(options.on(device or options.device), max_pixels=settings.max_pixels)
 
 
 class VPRService:
@@ -119,7 +112,12 @@ class VPRService:
         self.extractor = served_extractor(s)
         log.info("serving %s on %s", self.extractor.info.description, self.extractor.device)
         self.rebuilds = RebuildManager(
-            BuildConfig(references=s.references, index_dir=s.index_dir, grace_seconds=s.grace_seconds),
+            BuildConfig(
+                references=s.references,
+                index_dir=s.index_dir,
+                model=s.model_options(),
+                grace_seconds=s.grace_seconds,
+            ),
             self.extractor,
             on_published=lambda report: self.reload_index(),
             on_progress=self._progress,

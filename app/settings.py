@@ -13,6 +13,7 @@ from index_builder.results import DEFAULT_RERANK_K, DEFAULT_TOP_K
 from index_builder.store import DEFAULT_GRACE_SECONDS
 from model.config import FeatureBlock, parse_feature_block
 from model.matching.precision import Precision
+from model.options import ModelOptions
 from model.preprocess import DEFAULT_MAX_PIXELS
 
 MIB = 2**20
@@ -131,6 +132,17 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_feature_block(cls, value: object) -> FeatureBlock | None:
         return None if value is None or value == "" else parse_feature_block(value)
+
+    def model_options(self) -> ModelOptions:
+        """The served model, as the index builder and the Ray encoder take it too."""
+        return ModelOptions(
+            checkpoint=self.checkpoint,
+            device=self.device,
+            image_size=self.image_size,
+            local_mode=self.local_mode,
+            feature_block=self.feature_block,
+            model_dtype=self.model_dtype,
+        )
 
     # The web page's map. None: markers and circles on a plain background (works offline).
     tile_url: str | None = Field(

@@ -29,6 +29,7 @@ from bench.common import DEFAULT_SHARED, emit, machine
 from model.config import LocalMode, SelaVPRConfig, vit_config
 from model.dtype import ModelDtype, autocast, cpu_has_native_bfloat16
 from model.matching import mnn_scores, rerank_order
+from model.options import ModelOptions
 
 PARTS = ("forward", "deviation", "recall")
 
@@ -167,11 +168,10 @@ def bench_recall(shared: Path, dtypes: list[ModelDtype], device: torch.device) -
         for dtype in dtypes:
             config = EvalConfig(
                 dataset=dataset,
-                device=str(device),
                 rerank_k=20,
                 recalls=(1, 5),
                 index_dir=Path(tmp) / f"index-{dtype}",
-                model_dtype=str(dtype),
+                model=ModelOptions(device=str(device), model_dtype=str(dtype)),
             )
             report = evaluate(config, show_progress=False)
             rows.append(

@@ -21,9 +21,10 @@ import torch
 
 from bench.common import DEFAULT_SHARED, emit, machine
 from index_builder.builder import BuildConfig, build_index, encoding_identity
-from index_builder.ray_build import ExtractorSpec, RayBuildOptions, RayDataEncoder, ray_session
+from index_builder.ray_build import RayBuildOptions, RayDataEncoder, ray_session
 from index_builder.store import IndexVersion, SegmentFiles, segment_dir
 from model.extractor import FeatureExtractor
+from model.options import ModelOptions
 from tests.helpers import shared_references
 
 # (actors, CPUs reserved and torch threads per actor)
@@ -78,7 +79,7 @@ def main() -> None:
         report["ray_cluster_start_s"] = round(time.monotonic() - started, 2)
         for actors, cpus in RAY_SETUPS:
             options = RayBuildOptions(actors=actors, actor_cpus=cpus, actor_threads=cpus)
-            spec = ExtractorSpec(checkpoint="default", device="cpu")
+            spec = ModelOptions(checkpoint="default", device="cpu")
             name = f"ray-{actors}x{cpus}"
             entry = build(
                 name, RayDataEncoder(spec, identity, options), actors=actors, threads_per_actor=cpus

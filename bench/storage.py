@@ -34,6 +34,7 @@ from index_builder.search import Localizer
 from index_builder.store import VERSIONS, IndexVersion, current_version_name
 from index_builder.store.integrity import Throttle, verify_version
 from model.extractor import FeatureExtractor
+from model.options import ModelOptions
 
 PARTS = ("verify", "disk_full")
 MIB = 2**20
@@ -169,7 +170,9 @@ def bench_disk_full(shared: Path, work: Path) -> dict:
         (refs / "more").mkdir(parents=True)
         for path in variants[:10]:
             shutil.copy(path, refs / path.name)
-        config = BuildConfig(references=refs, index_dir=index_dir, checkpoint=str(checkpoint), device="cpu")
+        config = BuildConfig(
+            references=refs, index_dir=index_dir, model=ModelOptions(checkpoint=str(checkpoint), device="cpu")
+        )
         build_index(config)
         more = variants[10:50]
         for path in more:

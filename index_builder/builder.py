@@ -63,9 +63,9 @@ from index_builder.store.cleanup import UnpublishedCleanup
 from index_builder.store.integrity import files_intact
 from index_builder.store.location_shards import write_location_shards
 from index_builder.store.space import build_bytes_needed
-from model.config import FeatureBlock
 from model.extractor import FeatureExtractor
 from model.matching.defaults import resolve_precision
+from model.options import ModelOptions
 
 log = logging.getLogger(__name__)
 # Merging per-shard top-N lists gives the unsharded answer only when each list is exact.
@@ -76,12 +76,7 @@ _EXACT_SHARDS_ONLY = "a sharded index needs exact per-shard search (--global-ind
 class BuildConfig:
     references: Path
     index_dir: Path
-    checkpoint: str = "default"
-    device: str | None = None
-    image_size: int | None = None
-    local_mode: str | None = None
-    feature_block: FeatureBlock | None = None  # None: the checkpoint's default
-    model_dtype: str = "float32"
+    model: ModelOptions = field(default_factory=ModelOptions)
     full: bool = False  # re-encode everything
     batch_size: int | None = None  # None: 16 on CPU, 64 on GPU
     segment_size: int = 256  # images per segment (~120 MB at 61x61x128)
@@ -172,14 +167,7 @@ def build_index(
     # A failure removes what this build wrote before the lock goes (the disk space comes back).
     with BuildLock(index_dir), UnpublishedCleanup(index_dir) as cleanup:
         remove_unfinished(index_dir)
-        extractor = extractor or FeatureExtractor.from_checkpoint(
-            config.checkpoint,
-            config.device,
-            image_size=config.image_size,
-            local_mode=config.local_mode,
-            feature_block=config.feature_block,
-            model_dtype=config.model_dtype,
-        )
+        extractor = extractor or FeatureExtractor.from_options(config.model)
         identity = encoding_identity(extractor, config.local_dtype)
         previous = _open_previous(index_dir)
         try:

@@ -39,6 +39,7 @@ from model.config import FeatureBlock
 from model.datasets import VPRSplit
 from model.extractor import FeatureExtractor, resolve_device
 from model.matching import mnn_scores, rerank_order
+from model.options import ModelOptions
 from model.weights.cache import cache_dir
 from model.weights.loading import load_model
 
@@ -51,9 +52,7 @@ DEFAULT_RECALLS = (1, 5, 10, 20)
 class EvalConfig:
     dataset: Path
     split: str = "test"
-    checkpoint: str = "default"
-    device: str | None = None
-    feature_block: FeatureBlock | None = None  # None: the checkpoint's default
+    model: ModelOptions = field(default_factory=ModelOptions)
     rerank_k: int = 100
     recalls: Sequence[int] = DEFAULT_RECALLS
     threshold_m: float = 25.0
@@ -62,7 +61,6 @@ class EvalConfig:
     batch_size: int = 16
     precision: str | None = "float32"  # exact MNN counts on the stored features
     local_dtype: str = DEFAULT_LOCAL_DTYPE
-    model_dtype: str = "float32"
     grace_seconds: float = DEFAULT_GRACE_SECONDS  # for the cached database index's superseded versions
     place_removed: bool = False  # also answer every query with its true places left out of the database
     calibration: SelfCalibrationConfig = field(default_factory=SelfCalibrationConfig)  # the database's
@@ -180,12 +178,7 @@ def evaluate(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     split = VPRSplit.load(config.dataset, config.split, config.queries_list)
-    extractor = extractor or FeatureExtractor.from_checkpoint(
-        config.checkpoint,
-        config.device,
-        feature_block=config.feature_block,
-        model_dtype=config.model_dtype,
-    )
+    extractor = extractor or FeatureExtractor.from_options(config.model)
     index_dir = config.index_dir or default_eval_index_dir(split)
     build_index(
         BuildConfig(
@@ -240,11 +233,12 @@ def evaluate_feature_blocks(
     its own sub-directory (`feature-block-N`), so a repeated sweep re-encodes nothing."""
     split = VPRSplit.load(config.dataset, config.split, config.queries_list)
     root = config.index_dir or default_eval_index_dir(split)
-    loaded = load_model(config.checkpoint, resolve_device(config.device))
+    loaded = load_model(config.model.checkpoint, resolve_device(config.model.device))
     reports = []
     for block in blocks:
-        extractor = FeatureExtractor(loaded, feature_block=block)
-        block_config = replace(config, feature_block=block, index_dir=root / f"feature-block-{block}")
+        options = replace(config.model, feature_block=block)
+        extractor = FeatureExtractor.with_options(loaded, options)
+        block_config = replace(config, model=options, index_dir=root / f"feature-block-{block}")
         log.info("feature block %s", block)
         reports.append(evaluate(block_config, extractor, show_progress))
     return reports

@@ -27,20 +27,9 @@ from index_builder.encoding import EncodedBatch, decode_reference, encode_decode
 from index_builder.manifest import EncodingIdentity
 from index_builder.sources import ReferenceImage
 from model.extractor import FeatureExtractor
+from model.options import ModelOptions
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExtractorSpec:
-    """What each actor needs to load the driver's model (`FeatureExtractor.from_checkpoint` arguments)."""
-
-    checkpoint: str
-    device: str  # the actors' device: "cpu", or "cuda" when they hold a GPU
-    image_size: int | None = None
-    local_mode: str | None = None
-    feature_block: int | str | None = None
-    model_dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -62,20 +51,13 @@ class BatchEncoder:
     run when its model's encoding identity differs from the driver's (another checkpoint file, dtype...),
     since its features would then not belong in this index."""
 
-    def __init__(self, spec: ExtractorSpec, identity: dict[str, Any], threads: int) -> None:
+    def __init__(self, spec: ModelOptions, identity: dict[str, Any], threads: int) -> None:
         import torch
 
         # before the model's first forward: Ray starts workers with OMP_NUM_THREADS=<num_cpus>
         torch.set_num_threads(max(1, threads))
         self.local_dtype = identity["local_dtype"]
-        self.extractor = FeatureExtractor.from_checkpoint(
-            spec.checkpoint,
-            spec.device,
-            image_size=spec.image_size,
-            local_mode=spec.local_mode,
-            feature_block=spec.feature_block,
-            model_dtype=spec.model_dtype,
-        )
+        self.extractor = FeatureExtractor.from_options(spec)
         mine = encoding_identity(self.extractor, self.local_dtype).to_dict()
         if mine != identity:
             raise RuntimeError(f"the encoder actor's model differs from the build's: {mine} != {identity}")
@@ -121,7 +103,8 @@ def _unpack(payload: bytes, batch: Sequence[ReferenceImage]) -> EncodedBatch:
 class RayDataEncoder:
     """The `Encoder` (index_builder.encoding) that runs on Ray Data; use inside `ray_session`."""
 
-    def __init__(self, spec: ExtractorSpec, identity: EncodingIdentity, options: RayBuildOptions) -> None:
+    def __init__(self, spec: ModelOptions, identity: EncodingIdentity, options: RayBuildOptions) -> None:
+        """`spec`: the driver's model on the actors' device ("cpu", or "cuda" when they hold a GPU)."""
         self.spec, self.identity, self.options = spec, identity, options
 
     def default_batch_size(self) -> int:

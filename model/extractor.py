@@ -13,6 +13,7 @@ import torch
 from model.config import FeatureBlock, LocalMode, local_side
 from model.dtype import ModelDtype, autocast, cpu_has_native_bfloat16, resolve_model_dtype
 from model.errors import ImageDecodeError
+from model.options import ModelOptions
 from model.preprocess import DEFAULT_MAX_PIXELS, ImageSource, Preprocessing, square
 from model.weights.checkpoints import LoadedModel
 from model.weights.loading import load_model
@@ -82,6 +83,26 @@ class FeatureExtractor:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike = "default", device: str | None = None, **kwargs):
         return cls(load_model(checkpoint, resolve_device(device)), **kwargs)
+
+    @classmethod
+    def from_options(cls, options: ModelOptions, **kwargs) -> FeatureExtractor:
+        """The model `options` describe; `kwargs`: batch_size, max_pixels."""
+        return cls.with_options(
+            load_model(options.checkpoint, resolve_device(options.device)), options, **kwargs
+        )
+
+    @classmethod
+    def with_options(cls, loaded: LoadedModel, options: ModelOptions, **kwargs) -> FeatureExtractor:
+        """An extractor of an already loaded model (options.checkpoint and device are not read)."""
+        return cls(
+            loaded,
+            local_mode=options.local_mode,
+            feature_block=options.feature_block,
+            image_size=options.image_size,
+            exif_transpose=options.exif_transpose,
+            model_dtype=options.model_dtype,
+            **kwargs,
+        )
 
     def output_shapes(self) -> tuple[int, tuple[int, int, int]]:
         """(global descriptor length, local map shape (h, w, C)) at this extractor's input size."""

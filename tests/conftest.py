@@ -32,6 +32,14 @@ def isolated_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny SelaVPR checkpoint (random weights, a local head, 112 px), written once per session."""
+    from tests.helpers import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
 @pytest.fixture(autouse=True)
 def seeded():
     """Tests draw random inputs; a fixed seed makes every run see the same ones."""
@@ -80,3 +88,37 @@ def sharded_shared_indexes(tmp_path_factory, shared_data):
     queries = sorted(refs.glob("*/p*/i*/*.jpg")) + sorted((refs / "tokyo_pair").glob("*"))
     features = extractor.extract_tensors(torch.stack([extractor.preprocessing.load(p) for p in queries]))
     return dirs, extractor, queries, features
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, shared_data, tiny_ckpt) -> tuple[Path, Path]:
+    """References (three places, one with a location) and an index of them, built once."""
+    import shutil
+
+    from index_builder.builder import BuildConfig, build_index
+    from model.options import ModelOptions
+
+    root = tmp_path_factory.mktemp("built")
+    refs = root / "refs"
+    for place in ("p0", "p1", "p2"):
+        shutil.copytree(shared_data / "matching_triplets" / place, refs / place)
+    (refs / "locations.csv").write_text("path,lat,lon\np1/i0/Image059.jpg,-27.4772,153.0281\n")
+    build_index(
+        BuildConfig(
+            references=refs,
+            index_dir=root / "index",
+            model=ModelOptions(checkpoint=str(tiny_ckpt), device="cpu"),
+        )
+    )
+    return refs, root / "index"
+
+
+@pytest.fixture
+def workspace(tmp_path, built) -> tuple[Path, Path]:
+    """A private copy, for tests that change references or the index."""
+    import shutil
+
+    refs, index = built
+    shutil.copytree(refs, tmp_path / "refs")
+    shutil.copytree(index, tmp_path / "index")
+    return tmp_path / "refs", tmp_path / "index"

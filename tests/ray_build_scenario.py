@@ -15,8 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from index_builder.builder import BuildConfig, BuildProgress, build_index, encoding_identity
-from index_builder.ray_build import ExtractorSpec, RayBuildOptions, RayDataEncoder, ray_session
+from index_builder.ray_build import RayBuildOptions, RayDataEncoder, ray_session
 from model.extractor import FeatureExtractor
+from model.options import ModelOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,8 +71,13 @@ def main(config_path: str, report_path: str) -> None:
 
     extractor = FeatureExtractor.from_checkpoint(config["checkpoint"], "cpu")
     options = RayBuildOptions(num_cpus=2, actors=2, actor_cpus=1)
-    spec = ExtractorSpec(checkpoint=config["checkpoint"], device="cpu")
-    build = BuildConfig(references=refs, index_dir=index_dir, checkpoint=config["checkpoint"], batch_size=2)
+    spec = ModelOptions(checkpoint=config["checkpoint"], device="cpu")
+    build = BuildConfig(
+        references=refs,
+        index_dir=index_dir,
+        batch_size=2,
+        model=ModelOptions(checkpoint=config["checkpoint"]),
+    )
     with ray_session(options):
         encoder = RayDataEncoder(spec, encoding_identity(extractor, build.local_dtype), options)
         for step in ("unchanged", "added"):

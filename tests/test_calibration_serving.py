@@ -15,15 +15,10 @@ from index_builder.manifest import IndexManifest
 from index_builder.search import Localizer
 from index_builder.status import index_status
 from index_builder.store import VERSIONS, current_version_name
-from tests.helpers import tiny_checkpoint
-from tests.test_service import files, running, settings_for
+from model.options import ModelOptions
+from tests.service_helpers import files, running, settings_for
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +30,11 @@ def built(tmp_path_factory, shared_data, tiny_ckpt) -> tuple[Path, Path]:
         shutil.copytree(shared_data / "matching_triplets" / place, refs / place)
     (refs / "locations.csv").write_text("path,lat,lon\np1/i0/Image059.jpg,-27.4772,153.0281\n")
     build_index(
-        BuildConfig(references=refs, index_dir=root / "index", checkpoint=str(tiny_ckpt), device="cpu")
+        BuildConfig(
+            references=refs,
+            index_dir=root / "index",
+            model=ModelOptions(checkpoint=str(tiny_ckpt), device="cpu"),
+        )
     )
     return refs, root / "index"
 

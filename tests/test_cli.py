@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +14,9 @@ import torch
 from PIL import Image
 
 from app.cli import main
+from index_builder.store import IndexVersion
 from model.matching import mnn_scores
+from model.options import ModelOptions
 from tests.helpers import authors_checkpoint, tiny_model
 
 
@@ -134,3 +138,37 @@ def test_default_weights_recognise_places(shared_embeddings):
             if i != j:
                 (same if place[i] == place[j] else other).append(counts[j])
     assert np.mean(same) > 1.5 * np.mean(other)
+
+
+def _flags(command: list[str]) -> set[str]:
+    from app.cli import build_parser
+
+    parser = build_parser()
+    for name in command:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+def test_every_command_that_loads_the_model_takes_every_model_option():
+    """One definition (model.options.ModelOptions): `eval` evaluates what `index build` builds."""
+    model_flags = {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(ModelOptions)}
+    model_flags = model_flags - {"--exif-transpose"} | {"--no-exif-transpose"}
+    for command in (["index", "build"], ["eval"], ["embed"], ["match"]):
+        assert model_flags <= _flags(command), (command, model_flags - _flags(command))
+
+
+def test_no_exif_transpose_reaches_the_index(tmp_path, shared_data, tiny_ckpt, capsys):
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for view in ("i0", "i1"):
+        image = next((shared_data / "matching_triplets" / "p0" / view).glob("*.jpg"))
+        (refs / f"{view}.jpg").write_bytes(image.read_bytes())
+    index_dir = tmp_path / "index"
+    argv = ["index", "build", "--references", str(refs), "--index-dir", str(index_dir)]
+    assert main([*argv, "--checkpoint", str(tiny_ckpt), "--device", "cpu", "--no-exif-transpose"]) == 0
+    version = IndexVersion.open_current(index_dir)
+    try:
+        assert version.identity.exif_transpose is False
+    finally:
+        version.close()

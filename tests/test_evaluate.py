@@ -11,6 +11,7 @@ import pytest
 from bench.shared_dataset import make_dataset
 from index_builder.evaluate import EvalConfig, evaluate, plot_recalls, recall_at
 from model.datasets import DatasetError, VPRSplit, within
+from model.options import ModelOptions
 
 
 def test_recall_arithmetic_by_hand():
@@ -47,7 +48,11 @@ def test_split_layout_and_queries_list(tmp_path, shared_data):
 def test_evaluate_default_weights_end_to_end(tmp_path, shared_data):
     root = make_dataset(tmp_path / "ds", shared_data)
     config = EvalConfig(
-        dataset=root, rerank_k=10, recalls=[1, 5, 10], index_dir=tmp_path / "idx", device="cpu"
+        dataset=root,
+        rerank_k=10,
+        recalls=[1, 5, 10],
+        index_dir=tmp_path / "idx",
+        model=ModelOptions(device="cpu"),
     )
     report = evaluate(config, show_progress=False)
     assert (report.queries, report.database, report.queries_without_positives) == (10, 20, 0)

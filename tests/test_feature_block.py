@@ -22,6 +22,7 @@ from index_builder.store import IndexVersion
 from model.config import FINAL, LocalMode, SelaVPRConfig, parse_feature_block, training_free_block
 from model.errors import CheckpointError
 from model.extractor import FeatureExtractor
+from model.options import ModelOptions
 from model.selavpr import SelaVPR
 from model.weights.loading import load_model
 from tests.helpers import dinov2_checkpoint, randomize, tiny_checkpoint, tiny_vit
@@ -149,11 +150,9 @@ def refs(tmp_path, shared_data) -> Path:
     return root
 
 
-def build(refs: Path, index_dir: Path, ckpt: Path, **options):
-    config = BuildConfig(
-        references=refs, index_dir=index_dir, checkpoint=str(ckpt), device="cpu", image_size=112, **options
-    )
-    return build_index(config)
+def build(refs: Path, index_dir: Path, ckpt: Path, feature_block=None):
+    model = ModelOptions(checkpoint=str(ckpt), device="cpu", image_size=112, feature_block=feature_block)
+    return build_index(BuildConfig(references=refs, index_dir=index_dir, model=model))
 
 
 def test_the_index_records_the_block_and_a_change_reencodes(refs, tmp_path, plain_ckpt):

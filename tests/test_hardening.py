@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the fixtures imported from test_service are arguments here)
 """Hardening, in-process: what runs before a body is read, safe defaults, the bounded and fair batcher,
 all-or-nothing uploads, and references that are not what they seem."""
 
@@ -24,16 +23,8 @@ from app.main import create_app
 from app.settings import ExposureError, Settings, check_exposure
 from index_builder.builder import BuildConfig, build_index
 from index_builder.sources import scan_references
-from tests.test_service import (  # noqa: F401 (fixtures)
-    built,
-    files,
-    jpeg,
-    running,
-    settings_for,
-    tiny_ckpt,
-    wait_idle,
-    workspace,
-)
+from model.options import ModelOptions
+from tests.service_helpers import files, jpeg, running, settings_for, wait_idle
 
 pytestmark = pytest.mark.anyio
 BOUNDARY = b"XyZ"
@@ -344,7 +335,11 @@ def test_broken_and_escaping_symlinks_are_skipped_and_reported(tmp_path, shared_
         "escape.jpg": "symlink leads outside the references folder",
     }
     report = build_index(
-        BuildConfig(references=refs, index_dir=tmp_path / "index", checkpoint=str(tiny_ckpt), device="cpu")
+        BuildConfig(
+            references=refs,
+            index_dir=tmp_path / "index",
+            model=ModelOptions(checkpoint=str(tiny_ckpt), device="cpu"),
+        )
     )
     assert report.total == 3 and {f["path"] for f in report.skipped_files} == {"broken.jpg", "escape.jpg"}
 

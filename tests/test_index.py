@@ -35,12 +35,8 @@ from index_builder.store import (
 )
 from index_builder.store.codec import decode_local_torch
 from model.matching import mnn_scores
+from model.options import ModelOptions
 from tests.helpers import noise_images, tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture
@@ -51,10 +47,9 @@ def refs(tmp_path, shared_data) -> Path:
     return root
 
 
-def build(refs: Path, index_dir: Path, ckpt: Path, **options):
-    return build_index(
-        BuildConfig(references=refs, index_dir=index_dir, checkpoint=str(ckpt), device="cpu", **options)
-    )
+def build(refs: Path, index_dir: Path, ckpt: Path, model_dtype: str = "float32", **options):
+    model = ModelOptions(checkpoint=str(ckpt), device="cpu", model_dtype=model_dtype)
+    return build_index(BuildConfig(references=refs, index_dir=index_dir, model=model, **options))
 
 
 def test_first_build_then_incremental(refs, tmp_path, tiny_ckpt):

@@ -13,6 +13,7 @@ from index_builder.builder import BuildConfig, build_index
 from index_builder.store import IndexVersion, segment_dir
 from model.extractor import FeatureExtractor
 from model.matching import mnn_scores, rerank_order
+from model.options import ModelOptions
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,9 @@ def test_int8_store_keeps_the_float32_top1_at_61x61(tmp_path, shared_data, head_
     shutil.copytree(shared_data / "tokyo_pair", refs / "tokyo_pair")
     report = build_index(
         BuildConfig(
-            references=refs, index_dir=tmp_path / "index", checkpoint=str(head_checkpoint), device="cpu"
+            references=refs,
+            index_dir=tmp_path / "index",
+            model=ModelOptions(checkpoint=str(head_checkpoint), device="cpu"),
         )
     )
     version = IndexVersion.open_current(tmp_path / "index")

@@ -7,12 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from model.extractor import FeatureExtractor
-from tests.helpers import tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -21,6 +21,7 @@ from index_builder.builder import BuildConfig, build_index
 from index_builder.search import Localizer
 from index_builder.store import IndexVersion, SegmentFiles, segment_dir
 from model.extractor import FeatureExtractor
+from model.options import ModelOptions
 from tests.helpers import tiny_checkpoint
 from tests.isolated import require_isolated, run_isolated
 
@@ -94,7 +95,12 @@ def test_ray_data_build_equals_the_single_process_build(ray_available, shared_da
     shutil.copytree(refs, ray_refs)
     extractor = FeatureExtractor.from_checkpoint(checkpoint, "cpu")
     local = build_index(
-        BuildConfig(references=refs, index_dir=tmp_path / "local", checkpoint=str(checkpoint), batch_size=2),
+        BuildConfig(
+            references=refs,
+            index_dir=tmp_path / "local",
+            batch_size=2,
+            model=ModelOptions(checkpoint=str(checkpoint)),
+        ),
         extractor,
     )
     assert (local.total, local.skipped) == (7, 1)
@@ -141,7 +147,12 @@ def test_ray_data_build_equals_the_single_process_build(ray_available, shared_da
     grown_local = tmp_path / "local-grown"
     shutil.copytree(tmp_path / "local", grown_local)
     grown = build_index(
-        BuildConfig(references=ray_refs, index_dir=grown_local, checkpoint=str(checkpoint), batch_size=2),
+        BuildConfig(
+            references=ray_refs,
+            index_dir=grown_local,
+            batch_size=2,
+            model=ModelOptions(checkpoint=str(checkpoint)),
+        ),
         extractor,
     )
     assert (grown.encoded, grown.reused) == (1, 7)

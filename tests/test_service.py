@@ -4,78 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
-from contextlib import asynccontextmanager
-from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
-from app.main import create_app
-from app.settings import Settings
-from index_builder.builder import BuildConfig, build_index
 from tests.helpers import noise_images, tiny_checkpoint
+from tests.service_helpers import files, jpeg, running, settings_for, wait_idle
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, shared_data, tiny_ckpt) -> tuple[Path, Path]:
-    """References (three places, one with a location) and an index of them, built once."""
-    root = tmp_path_factory.mktemp("built")
-    refs = root / "refs"
-    for place in ("p0", "p1", "p2"):
-        shutil.copytree(shared_data / "matching_triplets" / place, refs / place)
-    (refs / "locations.csv").write_text("path,lat,lon\np1/i0/Image059.jpg,-27.4772,153.0281\n")
-    build_index(
-        BuildConfig(references=refs, index_dir=root / "index", checkpoint=str(tiny_ckpt), device="cpu")
-    )
-    return refs, root / "index"
-
-
-@pytest.fixture
-def workspace(tmp_path, built) -> tuple[Path, Path]:
-    """A private copy, for tests that change references or the index."""
-    refs, index = built
-    shutil.copytree(refs, tmp_path / "refs")
-    shutil.copytree(index, tmp_path / "index")
-    return tmp_path / "refs", tmp_path / "index"
-
-
-def settings_for(refs: Path, index: Path, ckpt: Path, **overrides) -> Settings:
-    return Settings(references=refs, index_dir=index, checkpoint=str(ckpt), device="cpu", **overrides)
-
-
-@asynccontextmanager
-async def running(settings: Settings):
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
-            yield app, client
-
-
-def jpeg(path: Path) -> bytes:
-    return path.read_bytes()
-
-
-def files(data: bytes, name: str = "photo.jpg") -> dict:
-    return {"image": (name, data, "application/octet-stream")}
-
-
-async def wait_idle(client: httpx.AsyncClient, timeout: float = 60) -> dict:
-    for _ in range(int(timeout / 0.05)):
-        status = (await client.get("/index/status")).json()
-        if status["state"] != "running":
-            return status
-        await asyncio.sleep(0.05)
-    raise AssertionError("rebuild did not finish")
 
 
 async def test_localize_answers_like_the_cli(built, tiny_ckpt):

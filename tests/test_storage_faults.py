@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the fixtures imported from test_service are arguments here)
 """The storage fault matrix, on a 3 MiB disk (a real tmpfs as root, a fault-injecting file layer
 otherwise: tests/faulty_disk.py; the test prints which). Each fault has one expected outcome: the
 service keeps answering from the last good version, the fault is reported, nothing acknowledged is
@@ -20,9 +19,10 @@ from index_builder.builder import BuildConfig, build_index
 from index_builder.encoding import LocalEncoder
 from index_builder.rollback import rollback
 from index_builder.store import SEGMENTS, IndexStoreError, current_version_name, versions
+from model.options import ModelOptions
 from tests.faulty_disk import small_disk
 from tests.helpers import noise_images
-from tests.test_service import files, running, settings_for, tiny_ckpt, wait_idle  # noqa: F401
+from tests.service_helpers import files, running, settings_for, wait_idle
 
 pytestmark = pytest.mark.anyio
 KIB = 1024
@@ -43,7 +43,9 @@ def references(root: Path, shared_data: Path) -> Path:
 
 
 def build(refs: Path, index: Path, ckpt: Path, **options):
-    config = BuildConfig(references=refs, index_dir=index, checkpoint=str(ckpt), device="cpu", **options)
+    config = BuildConfig(
+        references=refs, index_dir=index, **options, model=ModelOptions(checkpoint=str(ckpt), device="cpu")
+    )
     return build_index(config)
 
 

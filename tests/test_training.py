@@ -11,6 +11,7 @@ from bench.shared_dataset import make_dataset
 from index_builder.evaluate import EvalConfig, evaluate
 from model.config import LocalMode
 from model.datasets import VPRSplit
+from model.options import ModelOptions
 from model.preprocess import Preprocessing, ResizeMode
 from model.training.loop import TrainConfig, prepare_model, train, training_loss
 from model.training.mining import TripletMiner
@@ -117,11 +118,10 @@ def test_short_run_checkpoints_resume_and_evaluate(tmp_path, shared_data):
         EvalConfig(
             dataset,
             "val",
-            checkpoint=str(out / "best"),
             rerank_k=5,
             recalls=[1, 5],
             index_dir=tmp_path / "eval-index",
-            device="cpu",
+            model=ModelOptions(checkpoint=str(out / "best"), device="cpu"),
         ),
         show_progress=False,
     )

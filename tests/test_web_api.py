@@ -13,12 +13,12 @@ from PIL import Image
 
 from app.routers.web import STATIC_DIR, content_security_policy
 from tests.conftest import REPO
-from tests.test_service import built, files, running, settings_for, tiny_ckpt, workspace  # noqa: F401
+from tests.service_helpers import files, running, settings_for
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_page_and_its_assets_come_from_this_origin(built, tiny_ckpt):  # noqa: F811
+async def test_page_and_its_assets_come_from_this_origin(built, tiny_ckpt):
     refs, index = built
     async with running(settings_for(refs, index, tiny_ckpt)) as (_, client):
         page = await client.get("/")
@@ -39,7 +39,7 @@ async def test_page_and_its_assets_come_from_this_origin(built, tiny_ckpt):  # n
     assert "BSD" in (STATIC_DIR / "vendor" / "leaflet" / "LICENSE").read_text()
 
 
-async def test_ui_config_exposes_limits_and_tiles(built, tiny_ckpt):  # noqa: F811
+async def test_ui_config_exposes_limits_and_tiles(built, tiny_ckpt):
     refs, index = built
     settings = settings_for(refs, index, tiny_ckpt, max_upload_bytes=5000, api_key="k")
     async with running(settings) as (_, client):
@@ -60,7 +60,7 @@ def test_content_security_policy_without_tiles_allows_no_other_origin():
     assert "http" not in policy and "img-src 'self' blob: data:" in policy
 
 
-async def test_reference_listing_pages_through_the_index(built, tiny_ckpt):  # noqa: F811
+async def test_reference_listing_pages_through_the_index(built, tiny_ckpt):
     refs, index = built
     async with running(settings_for(refs, index, tiny_ckpt)) as (_, client):
         first = (await client.get("/index/references", params={"limit": 4})).json()
@@ -75,7 +75,7 @@ async def test_reference_listing_pages_through_the_index(built, tiny_ckpt):  # n
     assert [i["path"] for i in located] == ["p1/i0/Image059.jpg"] and located[0]["name"] == "Image059.jpg"
 
 
-async def test_thumbnails_are_resized_jpegs_with_cache_validation(built, tiny_ckpt):  # noqa: F811
+async def test_thumbnails_are_resized_jpegs_with_cache_validation(built, tiny_ckpt):
     refs, index = built
     async with running(settings_for(refs, index, tiny_ckpt)) as (app, client):
         version = app.state.service.localizer.index.name
@@ -99,7 +99,7 @@ async def test_thumbnails_are_resized_jpegs_with_cache_validation(built, tiny_ck
         assert (await client.get("/index/references/0/original")).status_code == 422
 
 
-async def test_a_record_pointing_outside_the_references_is_refused(workspace, tiny_ckpt):  # noqa: F811
+async def test_a_record_pointing_outside_the_references_is_refused(workspace, tiny_ckpt):
     refs, index = workspace
     outside = refs.parent / "secret.jpg"
     Image.new("RGB", (64, 64)).save(outside)
@@ -111,7 +111,7 @@ async def test_a_record_pointing_outside_the_references_is_refused(workspace, ti
     assert response.status_code == 404 and "no longer available" in response.json()["error"]["message"]
 
 
-async def test_pairs_in_pixels_agree_with_the_localize_counts(built, tiny_ckpt, shared_data):  # noqa: F811
+async def test_pairs_in_pixels_agree_with_the_localize_counts(built, tiny_ckpt, shared_data):
     refs, index = built
     query = (shared_data / "matching_triplets" / "p1" / "i1").glob("*.jpg").__next__().read_bytes()
     async with running(settings_for(refs, index, tiny_ckpt, precision="float32")) as (_, client):
@@ -143,7 +143,7 @@ async def test_pairs_in_pixels_agree_with_the_localize_counts(built, tiny_ckpt, 
     assert text.status_code == 415
 
 
-async def test_pairs_obey_the_upload_limit_and_the_localize_key(built, tiny_ckpt):  # noqa: F811
+async def test_pairs_obey_the_upload_limit_and_the_localize_key(built, tiny_ckpt):
     refs, index = built
     settings = settings_for(refs, index, tiny_ckpt, max_upload_bytes=2048, localize_api_key="q")
     async with running(settings) as (_, client):

@@ -9,9 +9,12 @@ from typing import Any
 
 from model.config import FINAL, FeatureBlock, LocalMode, parse_feature_block
 from model.dtype import ModelDtype
+from model.options import ModelOptions
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser, feature_block_option: bool = True) -> None:
+    """The model options (model.options.ModelOptions) as flags; `feature_block_option=False` leaves
+    --feature-block to the caller (`eval` pairs it with its sweep)."""
     parser.add_argument(
         "--checkpoint",
         default="default",
@@ -31,6 +34,17 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "(default: the head when the checkpoint has a trained one)",
     )
     add_model_dtype_option(parser)
+    if feature_block_option:
+        add_feature_block_option(parser)
+    parser.add_argument(
+        "--no-exif-transpose",
+        dest="exif_transpose",
+        action="store_false",
+        help="ignore EXIF orientation, as the authors' code does",
+    )
+
+
+def add_feature_block_option(parser: argparse._ActionsContainer) -> None:
     parser.add_argument(
         "--feature-block",
         type=feature_block,
@@ -39,12 +53,6 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="descriptors from block N's raw output (0-based; later blocks are skipped), or "
         f"'{FINAL}' for the paper's final-norm tokens (default: '{FINAL}' for trained SelaVPR checkpoints, "
         "otherwise the block at two thirds of the depth, 8 for the default ViT-S)",
-    )
-    parser.add_argument(
-        "--no-exif-transpose",
-        dest="exif_transpose",
-        action="store_false",
-        help="ignore EXIF orientation, as the authors' code does",
     )
 
 
@@ -58,16 +66,17 @@ def add_model_dtype_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def extractor_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "checkpoint": args.checkpoint,
-        "device": args.device,
-        "image_size": args.image_size,
-        "local_mode": args.local_mode,
-        "feature_block": args.feature_block,
-        "exif_transpose": args.exif_transpose,
-        "model_dtype": args.model_dtype,
-    }
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    """The flags of `add_model_options` as the one model-options object."""
+    return ModelOptions(
+        checkpoint=args.checkpoint,
+        device=args.device,
+        image_size=args.image_size,
+        local_mode=args.local_mode,
+        feature_block=args.feature_block,
+        model_dtype=args.model_dtype,
+        exif_transpose=args.exif_transpose,
+    )
 
 
 def add_engine_options(parser: argparse.ArgumentParser, ray_help: str, address_help: str) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.commands.common import add_model_options, extractor_kwargs, print_json
+from app.commands.common import add_model_options, model_options, print_json
 from model.extractor import FeatureExtractor
 
 
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    extractor = FeatureExtractor.from_checkpoint(batch_size=args.batch_size, **extractor_kwargs(args))
+    extractor = FeatureExtractor.from_options(model_options(args), batch_size=args.batch_size)
     emb = extractor.embed(args.images)
     out = Path(args.out)
     if emb.names:

@@ -7,7 +7,13 @@ import argparse
 import json
 from pathlib import Path
 
-from app.commands.common import add_model_dtype_option, feature_block, positive_int
+from app.commands.common import (
+    add_feature_block_option,
+    add_model_options,
+    feature_block,
+    model_options,
+    positive_int,
+)
 from index_builder.evaluate import (
     DEFAULT_RECALLS,
     EvalConfig,
@@ -26,16 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dataset", type=Path, required=True, help="ROOT with images/<split>/{database,queries}"
     )
     parser.add_argument("--split", default="test")
-    parser.add_argument("--checkpoint", default="default")
-    parser.add_argument("--device", default="auto")
+    add_model_options(parser, feature_block_option=False)  # every model option `index build` takes
     blocks = parser.add_mutually_exclusive_group()
-    blocks.add_argument(
-        "--feature-block",
-        type=feature_block,
-        default=None,
-        metavar="N|final",
-        help="descriptors from block N's output or 'final' (default: the checkpoint's, see docs/model.md)",
-    )
+    add_feature_block_option(blocks)
     blocks.add_argument(
         "--feature-blocks",
         type=feature_blocks,
@@ -43,7 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N,N,...",
         help="sweep: evaluate each block (e.g. 4,6,8,11,final), each with its own cached database index",
     )
-    add_model_dtype_option(parser)
     parser.add_argument("--rerank-k", type=positive_int, default=100)
     parser.add_argument(
         "--recalls", default=",".join(map(str, DEFAULT_RECALLS)), help="N values, comma-separated"
@@ -80,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
     config = EvalConfig(
         dataset=args.dataset,
         split=args.split,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        feature_block=args.feature_block,
+        model=model_options(args),
         rerank_k=args.rerank_k,
         recalls=[int(n) for n in args.recalls.split(",") if n.strip()],
         threshold_m=args.threshold_m,
@@ -91,7 +87,6 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         precision=args.precision,
         local_dtype=args.local_dtype,
-        model_dtype=args.model_dtype,
         place_removed=args.place_removed,
     )
     if args.feature_blocks is not None:

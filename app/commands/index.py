@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from app.commands.common import add_engine_options, add_model_options, positive_int, print_json
+from app.commands.common import add_engine_options, add_model_options, model_options, positive_int, print_json
 from index_builder.builder import BuildConfig, BuildProgress, build_index
 from index_builder.global_index import KINDS, GlobalIndexConfig
 from index_builder.manifest import BuildReport
@@ -117,12 +117,7 @@ def run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(
         references=args.references,
         index_dir=args.index_dir,
-        checkpoint=args.checkpoint,
-        device=args.device,
-        image_size=args.image_size,
-        local_mode=args.local_mode,
-        feature_block=args.feature_block,
-        model_dtype=args.model_dtype,
+        model=model_options(args),
         full=args.full,
         calibrate=args.calibrate,
         batch_size=args.batch_size,
@@ -158,7 +153,7 @@ def _build_on_ray(config: BuildConfig, args: argparse.Namespace) -> BuildReport:
     import ray
 
     from index_builder.builder import encoding_identity
-    from index_builder.ray_build import ExtractorSpec, RayBuildOptions, RayDataEncoder, ray_session
+    from index_builder.ray_build import RayBuildOptions, RayDataEncoder, ray_session
     from model.extractor import FeatureExtractor
 
     options = RayBuildOptions(address=args.ray_address, num_cpus=args.ray_num_cpus)
@@ -173,23 +168,9 @@ def _build_on_ray(config: BuildConfig, args: argparse.Namespace) -> BuildReport:
             actor_threads=args.ray_actor_threads,
             actor_gpus=gpus,
         )
-        spec = ExtractorSpec(
-            checkpoint=config.checkpoint,
-            device="cuda" if gpus > 0 else "cpu",
-            image_size=config.image_size,
-            local_mode=config.local_mode,
-            feature_block=config.feature_block,
-            model_dtype=config.model_dtype,
-        )
-        extractor = FeatureExtractor.from_checkpoint(
-            config.checkpoint,
-            "cpu",
-            image_size=config.image_size,
-            local_mode=config.local_mode,
-            feature_block=config.feature_block,
-            model_dtype=config.model_dtype,
-        )
-        encoder = RayDataEncoder(spec, encoding_identity(extractor, config.local_dtype), options)
+        extractor = FeatureExtractor.from_options(config.model.on("cpu"))
+        actors_model = config.model.on("cuda" if gpus > 0 else "cpu")
+        encoder = RayDataEncoder(actors_model, encoding_identity(extractor, config.local_dtype), options)
         with ProgressBar() as bar:
             return build_index(config, extractor, on_progress=bar.update, encoder=encoder)
 

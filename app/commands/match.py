@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from app.commands.common import add_model_options, extractor_kwargs, print_json
+from app.commands.common import add_model_options, model_options, print_json
 from model.extractor import FeatureExtractor
 from model.matching import mnn_pairs
 from model.preprocess import open_rgb
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    extractor = FeatureExtractor.from_checkpoint(**extractor_kwargs(args))
+    extractor = FeatureExtractor.from_options(model_options(args))
     emb = extractor.embed([args.image_a, args.image_b])
     if emb.skipped:
         raise ValueError("; ".join(reason for _, reason in emb.skipped))
