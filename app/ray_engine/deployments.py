@@ -2,6 +2,7 @@
 
     ingress (the FastAPI app of app/main.py)  --encode-->  encoder (batched model forward)
                                               --top/counts-->  shard-00 ... shard-NN (one per location shard)
+                                              --request/state-->  rebuilder (POST /index/rebuild's builds)
 
 Each location shard is its own deployment (`shard-00`, ...): Serve balances a deployment's requests over
 interchangeable replicas, and a shard's requests must reach a replica holding that shard. Every
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,8 @@ import torch
 from ray import serve
 
 from app.main import create_app
+from app.ray_engine.placement import REBUILDER, RayEngineConfig
+from app.ray_engine.rebuilds import Rebuilder
 from app.ray_engine.remote_search import ShardReply
 from app.ray_engine.service import RayVPRService
 from app.service import served_extractor
@@ -38,16 +40,7 @@ KEEP_VERSIONS = 2  # a shard keeps the previous version open for the queries sti
 # Queries from several ingress replicas arrive one by one: wait this long to batch them together.
 ENCODER_MIN_WAIT_S = 0.005
 
-
-@dataclass(frozen=True)
-class RayEngineConfig:
-    """How the deployments are placed (the cluster decides where)."""
-
-    shard_replicas: int = 1
-    encoder_replicas: int = 1
-    ingress_replicas: int = 1
-    replica_num_cpus: float = 1.0  # 0 on a small test cluster: every replica would reserve a core
-    encoder_num_gpus: float = 0.0
+__all__ = ["RayEngineConfig", "application_builder", "build_application"]
 
 
 @serve.deployment
@@ -125,12 +118,14 @@ class ShardServer:
 class Ingress:
     """The HTTP API: the FastAPI app of the single-process service over RayVPRService."""
 
-    def __init__(self, settings: Settings, version: str, encoder, shards: list) -> None:
+    def __init__(self, settings: Settings, version: str, encoder, shards: list, rebuilder=None) -> None:
         self.settings, self.version, self.encoder, self.shards = settings, version, encoder, shards
+        self.rebuilder = rebuilder
 
     def __serve_build_asgi_app__(self):
         return create_app(
-            self.settings, lambda s, m: RayVPRService(s, m, self.version, self.encoder, self.shards)
+            self.settings,
+            lambda s, m: RayVPRService(s, m, self.version, self.encoder, self.shards, self.rebuilder),
         )
 
 
@@ -158,10 +153,12 @@ def published_version(index_dir: Path) -> tuple[str, int]:
         version.close()
 
 
-def build_application(settings: Settings, engine: RayEngineConfig = RayEngineConfig()):
-    """The bound application for the published version of settings.index_dir."""
+def build_application(settings: Settings, engine: RayEngineConfig | None = None):
+    """The bound application for the published version of settings.index_dir (replica_num_cpus None:
+    1, as on a cluster joined; `serve` decides it for a cluster it starts, app/ray_engine/launch.py)."""
+    engine = engine or RayEngineConfig()
     version, shard_count = published_version(settings.index_dir)
-    cpus = {"num_cpus": engine.replica_num_cpus}
+    cpus = {"num_cpus": 1.0 if engine.replica_num_cpus is None else engine.replica_num_cpus}
     encoder = Encoder.options(
         name="encoder",
         num_replicas=engine.encoder_replicas,
@@ -169,12 +166,15 @@ def build_application(settings: Settings, engine: RayEngineConfig = RayEngineCon
     ).bind(settings, version)
     shards = [
         ShardServer.options(
-            name=shard_key(k), num_replicas=engine.shard_replicas, ray_actor_options=cpus
+            name=shard_key(k),
+            num_replicas=engine.shard_replicas,
+            ray_actor_options={**cpus, "num_gpus": engine.shard_num_gpus},
         ).bind(str(settings.index_dir), version, k, settings.precision)
         for k in range(shard_count)
     ]
+    rebuilder = Rebuilder.options(name=REBUILDER, num_replicas=1, ray_actor_options=cpus).bind(settings)
     return Ingress.options(name="ingress", num_replicas=engine.ingress_replicas, ray_actor_options=cpus).bind(
-        settings, version, encoder, shards
+        settings, version, encoder, shards, rebuilder
     )
 
 

@@ -1,0 +1,103 @@
+"""Where the replicas of `serve --engine ray` go (app/ray_engine/placement.py), without a cluster: a
+cluster started by `serve` shares its CPUs among the replicas, explicit requests are kept, a request the
+cluster cannot hold is one message (asked, available, the fix), and a deployment that does not run
+within the deadline ends the wait with that message instead of waiting for ever. The real command on a
+real cluster: tests/test_ray_cluster.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.ray_engine.placement import (
+    DeploymentAsk,
+    PlacementError,
+    RayEngineConfig,
+    deployment_asks,
+    fit_cpus_per_replica,
+    placement_problem,
+    total_asked,
+    wait_until_running,
+    with_cpus_fitted,
+)
+
+SHARDS = ["shard-00", "shard-01"]
+
+
+def test_a_cluster_started_here_shares_its_cpus_among_the_replicas():
+    engine = with_cpus_fitted(RayEngineConfig(), cluster_cpus=2.0, shard_count=2)
+    asks = deployment_asks(engine, SHARDS)
+    assert [a.name for a in asks] == ["ingress", "encoder", "rebuilder", *SHARDS]
+    assert engine.replica_num_cpus == pytest.approx(0.4)  # 5 replicas on 2 CPUs
+    cpus, gpus = total_asked(asks)
+    assert cpus <= 2.0 and gpus == 0
+    assert placement_problem(asks, {"CPU": 2.0}) is None
+    # a big machine: one CPU each, no more
+    assert with_cpus_fitted(RayEngineConfig(), 64.0, 2).replica_num_cpus == 1.0
+
+
+@pytest.mark.parametrize(("cpus", "replicas"), [(2, 3), (2, 7), (3, 7), (1, 6), (16, 35)])
+def test_shares_never_add_up_to_more_than_the_cluster(cpus, replicas):
+    share = fit_cpus_per_replica(cpus, replicas)
+    assert 0 < share <= 1 and share * replicas <= cpus
+
+
+def test_explicit_requests_are_kept_and_a_joined_cluster_defaults_to_one_cpu():
+    explicit = RayEngineConfig(replica_num_cpus=1.0)
+    assert with_cpus_fitted(explicit, 2.0, 2) is explicit
+    assert with_cpus_fitted(RayEngineConfig(replica_num_cpus=0.0), 2.0, 2).replica_num_cpus == 0.0
+    assert with_cpus_fitted(RayEngineConfig(), None, 2).replica_num_cpus == 1.0
+
+
+def test_a_request_the_cluster_cannot_hold_is_one_message_with_the_fix():
+    asks = deployment_asks(RayEngineConfig(replica_num_cpus=1.0, encoder_num_gpus=1), SHARDS)
+    message = placement_problem(asks, {"CPU": 2.0})
+    assert message is not None and "\n" not in message
+    assert "they ask for 5 CPUs and 1 GPUs" in message and "shard-01 1 x 1 CPU" in message
+    assert "the cluster has 2 CPUs and 0 GPUs" in message
+    assert "fix: leave --replica-num-cpus out" in message
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wait(self, seconds: float) -> bool:
+        self.now += seconds
+        return False
+
+
+def test_waiting_ends_when_running_and_fails_at_the_deadline_with_the_message():
+    asks = [DeploymentAsk("ingress", 1, 1.0), DeploymentAsk("shard-00", 2, 1.0)]
+    cluster = lambda: {"CPU": 2.0}  # noqa: E731
+    states = iter([("DEPLOYING", ""), ("DEPLOYING", ""), ("RUNNING", "")])
+    clock = FakeClock()
+    assert wait_until_running(lambda: next(states), asks, cluster, 10, clock=clock, wait=clock.wait)
+    clock = FakeClock()
+    with pytest.raises(PlacementError) as raised:
+        wait_until_running(lambda: ("DEPLOYING", ""), asks, cluster, 10, clock=clock, wait=clock.wait)
+    message = str(raised.value)
+    assert clock.now == pytest.approx(10.0)
+    assert "not running after 10 s (DEPLOYING)" in message and "they ask for 3 CPUs" in message
+    assert "the cluster has 2 CPUs" in message and "fix:" in message
+
+
+def test_a_failed_deployment_says_why_and_a_signal_stops_the_wait():
+    failed = ("DEPLOY_FAILED", "Deploying failed:\nTraceback ...\nValueError: v000002 has 4 shards")
+    with pytest.raises(PlacementError, match="failed to start: ValueError: v000002 has 4 shards"):
+        wait_until_running(lambda: failed, [], dict, 10)
+    assert wait_until_running(lambda: ("DEPLOYING", ""), [], dict, 10, wait=lambda s: True) is False
+
+
+def test_serve_help_says_how_cpus_are_shared():
+    from app.cli import build_parser
+
+    parser = build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    text = serve.format_help()
+    assert "shared equally among the replicas" in " ".join(text.split())
+    assert "--shard-num-gpus" in text and "--ready-timeout-s" in text
+    args = parser.parse_args(["serve", "--engine", "ray", "--shard-num-gpus", "0.5"])
+    assert args.replica_num_cpus is None and args.shard_num_gpus == 0.5
