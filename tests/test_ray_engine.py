@@ -18,6 +18,7 @@ from app.main import create_app
 from app.settings import Settings
 from index_builder.search import Localizer
 from index_builder.store import IndexVersion, current_version_name
+from tests.helpers import mirrored_jpeg
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +123,17 @@ def _comparable(payload: dict) -> dict:
     return {k: v for k, v in payload.items() if k != "timings_ms"}
 
 
-@pytest.mark.parametrize("shards", [2, 4])
-def test_ray_app_answers_as_the_single_process(serve, sharded_shared_indexes, shards):
+@pytest.mark.parametrize(("shards", "precision"), [(2, None), (4, None), (2, "int8+float32")])
+def test_ray_app_answers_as_the_single_process(serve, sharded_shared_indexes, shards, precision):
+    """int8+float32: the shards get the query map in int8 (with its scale) for the int8 pass and in
+    float32 for the recounts (model/matching/compact.py), and count exactly as one process does."""
     dirs, extractor, queries, _ = sharded_shared_indexes
     index_dir = dirs[shards]
     version = current_version_name(index_dir)
-    single = Localizer(IndexVersion.open_current(dirs[1]), extractor)
-    with TestClient(_deploy(serve, index_dir, version, shards)) as client:
-        for path in queries[::3]:
+    single = Localizer(IndexVersion.open_current(dirs[1]), extractor, precision)
+    settings = Settings(index_dir=index_dir, device="cpu", shard_timeout_s=30.0, precision=precision)
+    with TestClient(_deploy(serve, index_dir, version, shards, settings=settings)) as client:
+        for path in queries[:: 3 if precision is None else 6]:
             got = _post(client, path, top_k="5", rerank_k="20")
             assert got.status_code == 200, got.text
             expected = single.localize(path, path.name, 5, 20).model_dump(mode="json")
@@ -233,17 +237,6 @@ def _wait_for(client, done, timeout_s: float) -> dict:
             return status
         assert time.monotonic() < deadline, status
         time.sleep(0.2)
-
-
-def mirrored_jpeg(path: Path) -> bytes:
-    """A reference photo the index does not hold: a shared image mirrored."""
-    import io
-
-    from PIL import Image, ImageOps
-
-    buffer = io.BytesIO()
-    ImageOps.mirror(Image.open(path).convert("RGB")).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
 
 
 def test_engine_ray_without_ray_says_how_to_install_it(monkeypatch, capsys, tmp_path):

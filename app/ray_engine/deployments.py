@@ -33,6 +33,7 @@ from index_builder.shard_search import ShardSearcher
 from index_builder.sharding import shard_key
 from index_builder.store import IndexVersion, current_version_name
 from index_builder.store.versions import NO_INDEX_HINT
+from model.matching.compact import CompactQuery, check_precision
 from model.matching.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,11 @@ class ShardServer:
         tops = self._searcher(version).top(global_desc, k)
         return ShardReply(version, [(c.scores, c.ids) for c in tops])
 
-    def counts(self, query_local: np.ndarray, ids: np.ndarray, mode: str, version: str) -> ShardReply:
-        counts = self._searcher(version).counts(torch.from_numpy(query_local), ids.tolist(), Precision(mode))
+    def counts(self, query: CompactQuery, ids: np.ndarray, mode: str, version: str) -> ShardReply:
+        """MNN counts of these candidates against the query map, sent in the precision counted in."""
+        precision = Precision(mode)
+        check_precision(query, precision)
+        counts = self._searcher(version).counts(query.tensor(), ids.tolist(), precision)
         return ShardReply(version, counts.numpy())
 
     def ping(self) -> int:

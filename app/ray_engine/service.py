@@ -178,8 +178,10 @@ class RayVPRService(VPRService):
     async def _call(self, response) -> bool:
         """Whether a call answered within the deadline (twice the shard deadline: opening a version
         reads its files)."""
+        call = asyncio.ensure_future(_awaitable(response))
+        call.add_done_callback(_retrieved)  # a call cancelled after its deadline fails unseen: no log noise
         try:
-            await asyncio.wait_for(asyncio.shield(_awaitable(response)), 2 * self.settings.shard_timeout_s)
+            await asyncio.wait_for(asyncio.shield(call), 2 * self.settings.shard_timeout_s)
         except Exception:
             response.cancel()
             return False
@@ -203,6 +205,11 @@ class RayVPRService(VPRService):
 
 async def _awaitable(response):
     return await response
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _on_event_loop() -> bool:
