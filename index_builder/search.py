@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from index_builder.errors import CheckpointMismatch
@@ -77,8 +78,7 @@ class Localizer:
         engine = native.describe() if extractor.device.type == "cpu" else str(extractor.device)
         log.info("index %s: re-ranking %s maps in %s (%s)", index.name, _shape(index), self.mode, engine)
         self.searchers = searchers_of(index)
-        if extractor.device.type != "cpu" and 0 < index.stored_local_bytes() <= resident_max_bytes:
-            make_resident(index, extractor.device)
+        hold_maps_resident(index, extractor.device, resident_max_bytes)
 
     @classmethod
     def open(
@@ -207,14 +207,27 @@ def _shape(index: IndexVersion) -> str:
     return "x".join(map(str, index.identity.local_shape))
 
 
-def make_resident(index: IndexVersion, device: torch.device) -> None:
+def hold_maps_resident(
+    index: IndexVersion, device: torch.device, max_bytes: int, ids: np.ndarray | None = None
+) -> bool:
+    """The GPU policy of a server (the single process, and a Ray shard replica for its own references,
+    `ids`): on an accelerator, hold the local maps in its memory when they take at most max_bytes, so
+    that re-ranking reads nothing per query. Whether they are held."""
+    count = len(index) if ids is None else len(ids)
+    if device.type == "cpu" or not 0 < index.stored_local_bytes(count) <= max_bytes:
+        return False
+    return make_resident(index, device, ids)
+
+
+def make_resident(index: IndexVersion, device: torch.device, ids: np.ndarray | None = None) -> bool:
     start = time.perf_counter()
     try:
-        index.make_resident(device)
+        index.make_resident(device, ids)
     except torch.OutOfMemoryError:
         log.warning("index %s: its local maps do not fit on %s; reading them per query", index.name, device)
-        return
-    mib = index.stored_local_bytes() / 2**20
+        return False
+    count = len(index) if ids is None else len(ids)
+    mib = index.stored_local_bytes(count) / 2**20
     log.info(
         "index %s: %.0f MiB of local maps on %s (%.1f s)",
         index.name,
@@ -222,6 +235,7 @@ def make_resident(index: IndexVersion, device: torch.device) -> None:
         device,
         time.perf_counter() - start,
     )
+    return True
 
 
 def _match(record: ImageRecord, rank: int, score: float, count: int) -> Match:

@@ -315,6 +315,30 @@ def test_resident_maps_feed_the_matcher_like_the_store(refs, tmp_path, tiny_ckpt
     assert version.resident is None
 
 
+def test_a_shards_resident_maps_are_its_own_and_count_like_the_store(refs, tmp_path, tiny_ckpt):
+    """A Ray shard replica on a GPU holds only its references' maps (search.hold_maps_resident with its
+    ids), here on CPU: the same counts as reading them from the store; another shard's id is refused."""
+    from index_builder.search import hold_maps_resident
+
+    build(refs, tmp_path / "index", tiny_ckpt)
+    version = IndexVersion.open_current(tmp_path / "index")
+    own = np.array([6, 1, 3], dtype=np.int64)  # a shard's ids, in its own order
+    query = torch.from_numpy(version.read_local([0])[0])
+    stored = mnn_scores(query, version.candidate_maps([3, 6, 1]), "float32")
+    # the serving policy: never on a CPU, never beyond the budget
+    assert not hold_maps_resident(version, torch.device("cpu"), 2**40, own)
+    assert version.resident is None
+    version.make_resident(torch.device("cpu"), own)
+    assert version.resident.values.shape[0] == 3
+    assert version.stored_local_bytes(3) == version.resident.values.nbytes + version.resident.scales.nbytes
+    resident = version.candidate_maps([3, 6, 1])
+    assert type(resident).__name__ == "ResidentCandidates"
+    assert mnn_scores(query, resident, "float32").tolist() == stored.tolist()
+    with pytest.raises(KeyError):
+        version.candidate_maps([2])
+    version.close()
+
+
 def test_localize_refuses_another_model(refs, tmp_path, tiny_ckpt):
     build(refs, tmp_path / "index", tiny_ckpt)
     other = tiny_checkpoint(tmp_path / "other", seed=13)

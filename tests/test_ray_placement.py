@@ -101,3 +101,28 @@ def test_serve_help_says_how_cpus_are_shared():
     assert "--shard-num-gpus" in text and "--ready-timeout-s" in text
     args = parser.parse_args(["serve", "--engine", "ray", "--shard-num-gpus", "0.5"])
     assert args.replica_num_cpus is None and args.shard_num_gpus == 0.5
+
+
+def test_shards_on_gpus_are_plumbed_to_the_replicas_and_the_router(sharded_shared_indexes):
+    """--shard-num-gpus: each shard replica reserves the GPU share, is told to count on "cuda" with the
+    service's resident-maps budget, and the ingress resolves the counts' precision for that device (no
+    GPU here: the options are checked, the device code path in tests/test_index.py on the CPU)."""
+    pytest.importorskip("ray.serve")
+    from app.ray_engine.deployments import build_application
+    from app.settings import Settings
+
+    dirs, *_ = sharded_shared_indexes
+    settings = Settings(index_dir=dirs[2], device="cpu", resident_maps_bytes=2**30)
+    ingress = build_application(
+        settings, RayEngineConfig(replica_num_cpus=0.25, shard_num_gpus=0.5)
+    )._bound_deployment
+    _, _, encoder, shards, rebuilder, device = ingress.init_args
+    assert device == "cuda" and len(shards) == 2
+    for shard in shards:
+        deployment = shard._bound_deployment
+        assert deployment.ray_actor_options == {"num_cpus": 0.25, "num_gpus": 0.5}
+        assert deployment.init_args[-2:] == ("cuda", 2**30)
+    assert encoder._bound_deployment.ray_actor_options["num_gpus"] == 0.0
+    assert rebuilder._bound_deployment.ray_actor_options == {"num_cpus": 0.25}
+    cpu_only = build_application(settings, RayEngineConfig())._bound_deployment
+    assert cpu_only.init_args[-1] == "cpu"

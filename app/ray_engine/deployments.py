@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,13 @@ import torch
 from ray import serve
 
 from app.main import create_app
-from app.ray_engine.placement import REBUILDER, RayEngineConfig
+from app.ray_engine.placement import REBUILDER, RayEngineConfig, shard_device
 from app.ray_engine.rebuilds import Rebuilder
 from app.ray_engine.remote_search import ShardReply
 from app.ray_engine.service import RayVPRService
 from app.service import served_extractor
 from app.settings import Settings
-from index_builder.search import check_compatible
+from index_builder.search import check_compatible, hold_maps_resident
 from index_builder.shard_search import ShardSearcher
 from index_builder.sharding import shard_key
 from index_builder.store import IndexVersion, current_version_name
@@ -77,9 +78,21 @@ class ShardServer:
     published, queries already under way on the previous one still finish; a version not yet open is
     opened on its first call."""
 
-    def __init__(self, index_dir: str, version: str, position: int, precision: str | None) -> None:
+    def __init__(
+        self,
+        index_dir: str,
+        version: str,
+        position: int,
+        precision: str | None,
+        device: str = "cpu",
+        resident_max_bytes: int = 0,
+    ) -> None:
+        """device "cuda" (a replica given a GPU, --shard-num-gpus): its maps are held in the GPU's memory
+        when they take at most resident_max_bytes, and counted there, with the single-process server's
+        code (search.hold_maps_resident)."""
         del precision  # the router picks the precision of each counting call (shard_search.rerank_counts)
         self.index_dir, self.position = Path(index_dir), position
+        self.device, self.resident_max_bytes = _shard_device(device), resident_max_bytes
         self.searchers: dict[str, ShardSearcher] = {}
         self._opening = threading.Lock()
         self.load(version)
@@ -88,8 +101,20 @@ class ShardServer:
         """Open a version's part of this shard (if not open yet); returns the versions open."""
         with self._opening:
             if version not in self.searchers:
-                self.searchers[version] = _open_shard(self.index_dir, version, self.position)
-                log.info("%s opened %s", shard_key(self.position), version)
+                started = time.perf_counter()
+                searcher = _open_shard(self.index_dir, version, self.position)
+                held = hold_maps_resident(
+                    searcher.version, self.device, self.resident_max_bytes, searcher.ids
+                )
+                self.searchers[version] = searcher
+                log.info(
+                    "%s opened %s in %.1f s (%d references, maps %s)",
+                    shard_key(self.position),
+                    version,
+                    time.perf_counter() - started,
+                    len(searcher),
+                    f"resident on {self.device}" if held else "read per query",
+                )
                 for old in list(self.searchers)[:-KEEP_VERSIONS]:
                     del self.searchers[old]  # closed when the last query holding it ends
             return list(self.searchers)
@@ -109,7 +134,7 @@ class ShardServer:
         """MNN counts of these candidates against the query map, sent in the precision counted in."""
         precision = Precision(mode)
         check_precision(query, precision)
-        counts = self._searcher(version).counts(query.tensor(), ids.tolist(), precision)
+        counts = self._searcher(version).counts(query.tensor(self.device), ids.tolist(), precision)
         return ShardReply(version, counts.numpy())
 
     def ping(self) -> int:
@@ -122,15 +147,34 @@ class ShardServer:
 class Ingress:
     """The HTTP API: the FastAPI app of the single-process service over RayVPRService."""
 
-    def __init__(self, settings: Settings, version: str, encoder, shards: list, rebuilder=None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        version: str,
+        encoder,
+        shards: list,
+        rebuilder=None,
+        shard_device: str = "cpu",
+    ) -> None:
         self.settings, self.version, self.encoder, self.shards = settings, version, encoder, shards
-        self.rebuilder = rebuilder
+        self.rebuilder, self.shard_device = rebuilder, shard_device
 
     def __serve_build_asgi_app__(self):
-        return create_app(
-            self.settings,
-            lambda s, m: RayVPRService(s, m, self.version, self.encoder, self.shards, self.rebuilder),
-        )
+        def service(s: Settings, m) -> RayVPRService:
+            return RayVPRService(
+                s, m, self.version, self.encoder, self.shards, self.rebuilder, self.shard_device
+            )
+
+        return create_app(self.settings, service)
+
+
+def _shard_device(device: str) -> torch.device:
+    """The replica's device; a GPU asked for and not visible is an error (the deployment fails to start
+    and `serve` says why), not a silent CPU."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("this shard replica was given a GPU (--shard-num-gpus) but sees none")
+    return resolved
 
 
 def _open_shard(index_dir: Path, version: str, position: int) -> ShardSearcher:
@@ -168,17 +212,18 @@ def build_application(settings: Settings, engine: RayEngineConfig | None = None)
         num_replicas=engine.encoder_replicas,
         ray_actor_options={**cpus, "num_gpus": engine.encoder_num_gpus},
     ).bind(settings, version)
+    device = shard_device(engine)
     shards = [
         ShardServer.options(
             name=shard_key(k),
             num_replicas=engine.shard_replicas,
             ray_actor_options={**cpus, "num_gpus": engine.shard_num_gpus},
-        ).bind(str(settings.index_dir), version, k, settings.precision)
+        ).bind(str(settings.index_dir), version, k, settings.precision, device, settings.resident_maps_bytes)
         for k in range(shard_count)
     ]
     rebuilder = Rebuilder.options(name=REBUILDER, num_replicas=1, ray_actor_options=cpus).bind(settings)
     return Ingress.options(name="ingress", num_replicas=engine.ingress_replicas, ray_actor_options=cpus).bind(
-        settings, version, encoder, shards, rebuilder
+        settings, version, encoder, shards, rebuilder, device
     )
 
 

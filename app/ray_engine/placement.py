@@ -42,6 +42,11 @@ class RayEngineConfig:
     shard_num_gpus: float = 0.0  # a shard replica given a GPU keeps its maps there and re-ranks there
 
 
+def shard_device(engine: RayEngineConfig) -> str:
+    """Where shard replicas count: on the GPU they are given, else on their CPUs."""
+    return "cuda" if engine.shard_num_gpus > 0 else "cpu"
+
+
 REBUILDER = "rebuilder"  # one replica: it runs POST /index/rebuild's builds, one at a time
 
 

@@ -72,9 +72,19 @@ class RemoteRebuilds:
 
 class RayVPRService(VPRService):
     def __init__(
-        self, settings: Settings, metrics: Metrics, version: str, encoder, shards: Sequence, rebuilder=None
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        version: str,
+        encoder,
+        shards: Sequence,
+        rebuilder=None,
+        shard_device: str = "cpu",
     ) -> None:
+        """shard_device: where the shard replicas count ("cuda" with --shard-num-gpus); the precision of
+        the counts is that device's default, as in the single process on it."""
         super().__init__(settings, metrics)
+        self.shard_device = torch.device(shard_device)
         self.version_name, self.encoder, self.shard_handles = version, encoder, list(shards)
         if rebuilder is None:
             self.rebuilds_disabled = NO_REBUILDER
@@ -119,7 +129,7 @@ class RayVPRService(VPRService):
         except Exception:
             version.close()
             raise
-        mode = resolve_precision(self.settings.precision, torch.device("cpu"), version.identity.local_shape)
+        mode = resolve_precision(self.settings.precision, self.shard_device, version.identity.local_shape)
         policy = CallPolicy(timeout_s=self.settings.shard_timeout_s)
         return RemoteLocalizer(version, self.encoder, self.shard_handles, mode, self.metrics, policy)
 

@@ -189,13 +189,15 @@ class IndexVersion:
             return self.resident.candidates(ids)
         return StoredMaps(self, [int(i) for i in ids], device)
 
-    def make_resident(self, device: torch.device) -> None:
-        """Copy every stored local array to `device` (see resident.py); torch.OutOfMemoryError if it
-        does not fit, the version then reading from the store as before."""
-        self.resident = ResidentMaps(self.read_stored, len(self), self.identity.local_shape, device)
+    def make_resident(self, device: torch.device, ids: np.ndarray | None = None) -> None:
+        """Copy the stored local arrays of these images (default: all; a location shard's server: its
+        own) to `device` (see resident.py); torch.OutOfMemoryError if they do not fit, the version then
+        reading from the store as before."""
+        held = np.arange(len(self), dtype=np.int64) if ids is None else ids
+        self.resident = ResidentMaps(self.read_stored, held, self.identity.local_shape, device)
 
-    def stored_local_bytes(self) -> int:
-        """Bytes of the stored local arrays (values and scales) of all images."""
+    def stored_local_bytes(self, count: int | None = None) -> int:
+        """Bytes of the stored local arrays (values and scales) of all images, or of `count` of them."""
         if not self.segments:
             return 0
         h, w, channels = self.identity.local_shape
@@ -203,7 +205,7 @@ class IndexVersion:
         per_image = h * w * channels * segment.local.dtype.itemsize
         if segment.scale is not None:
             per_image += h * w * segment.scale.dtype.itemsize
-        return per_image * len(self)
+        return per_image * (len(self) if count is None else count)
 
     def read_stored(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
         """The stored local arrays of these images (values, scales or None), in the given order."""
