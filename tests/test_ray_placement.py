@@ -126,3 +126,22 @@ def test_shards_on_gpus_are_plumbed_to_the_replicas_and_the_router(sharded_share
     assert rebuilder._bound_deployment.ray_actor_options == {"num_cpus": 0.25}
     cpu_only = build_application(settings, RayEngineConfig())._bound_deployment
     assert cpu_only.init_args[-1] == "cpu"
+
+
+def test_rebuilds_encode_in_the_rebuilder_on_one_node_and_on_ray_data_with_workers(tmp_path):
+    pytest.importorskip("ray.serve")
+    from app.ray_engine.rebuilds import ClusterShape, cluster_encoder
+    from app.settings import Settings
+    from index_builder.builder import BuildConfig
+    from index_builder.ray_build import RayDataEncoder
+    from model.extractor import FeatureExtractor
+
+    settings = Settings(index_dir=tmp_path / "index", references=tmp_path / "refs", device="cpu")
+    config = BuildConfig(references=settings.references, index_dir=settings.index_dir)
+    extractor = FeatureExtractor.from_checkpoint("default", "cpu")
+    assert cluster_encoder(settings, extractor, config, ClusterShape(nodes=1, gpus=0)) is None
+    on_gpus = cluster_encoder(settings, extractor, config, ClusterShape(nodes=3, gpus=2))
+    assert isinstance(on_gpus, RayDataEncoder) and on_gpus.spec.device == "cuda"
+    assert (on_gpus.options.actors, on_gpus.options.actor_gpus) == (2, 1.0)
+    on_cpus = cluster_encoder(settings, extractor, config, ClusterShape(nodes=3, gpus=0))
+    assert (on_cpus.spec.device, on_cpus.options.actors, on_cpus.options.actor_gpus) == ("cpu", 2, 0.0)

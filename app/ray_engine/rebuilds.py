@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
 from ray import serve
 
 from app.rebuild import RebuildManager, RebuildState
 from app.service import served_extractor
 from app.settings import Settings
-from index_builder.builder import BuildConfig
+from index_builder.builder import BuildConfig, encoding_identity
+from index_builder.ray_build import ExtractorSpec, RayBuildOptions, RayDataEncoder
+from model.extractor import FeatureExtractor
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +26,21 @@ log = logging.getLogger(__name__)
 @serve.deployment
 class Rebuilder:
     """Builds the next version from the references folder (shared with the ingress, like the index
-    folder), encoding in this replica's process on the CPU (it reserves no GPU)."""
+    folder). On one machine it encodes in this replica's process, on the CPU (it reserves no GPU); on a
+    cluster with other nodes, on a Ray Data actor pool (index_builder/ray_build.py), with a GPU per
+    actor when the cluster has GPUs. Either way the builder is the single process's."""
 
     def __init__(self, settings: Settings) -> None:
         config = BuildConfig(
             references=settings.references, index_dir=settings.index_dir, grace_seconds=settings.grace_seconds
         )
-        self.manager = RebuildManager(config, served_extractor(settings, "cpu"), on_published=_log_published)
+        extractor = served_extractor(settings, "cpu")
+        self.manager = RebuildManager(
+            config,
+            extractor,
+            on_published=_log_published,
+            make_encoder=lambda: cluster_encoder(settings, extractor, config, _cluster_shape()),
+        )
 
     def request(self) -> tuple[str, str]:
         """(job id, "running" | "queued")."""
@@ -44,3 +55,38 @@ class Rebuilder:
 
 def _log_published(report) -> None:
     log.info("rebuild published %s; the ingress rolls the shards to it", report.version)
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    nodes: int  # alive
+    gpus: float
+
+
+def _cluster_shape() -> ClusterShape:
+    import ray
+
+    if not ray.is_initialized():  # Serve's local testing mode: no cluster, this process encodes
+        return ClusterShape(1, 0.0)
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return ClusterShape(nodes, ray.cluster_resources().get("GPU", 0.0))
+
+
+def cluster_encoder(
+    settings: Settings, extractor: FeatureExtractor, config: BuildConfig, cluster: ClusterShape
+) -> RayDataEncoder | None:
+    """None (this process encodes) on a one-node cluster: its CPUs are the replicas' already. Else a Ray
+    Data actor pool: one actor per GPU when the cluster has GPUs, else one per other node."""
+    if cluster.nodes < 2:
+        return None
+    gpus = int(cluster.gpus)
+    spec = ExtractorSpec(
+        checkpoint=settings.checkpoint,
+        device="cuda" if gpus else "cpu",
+        image_size=settings.image_size,
+        local_mode=settings.local_mode,
+        feature_block=settings.feature_block,
+        model_dtype=settings.model_dtype,
+    )
+    options = RayBuildOptions(actors=gpus or cluster.nodes - 1, actor_gpus=1.0 if gpus else 0.0)
+    return RayDataEncoder(spec, encoding_identity(extractor, config.local_dtype), options)
