@@ -120,7 +120,7 @@ def write_synthetic_index(root: Path, images: int, shards: int, dim: int, map_sh
         references="synthetic",
         count=images,
         global_index=GlobalIndexConfig(),
-        shards=[],
+        segments=[],
         location_shards=plans,
         version="v000001",
     )
