@@ -55,7 +55,9 @@ def start_or_join(cluster: ClusterConfig, settings: Settings) -> bool:
     return True
 
 
-def placed_engine(engine: RayEngineConfig, settings: Settings, started_here: bool) -> tuple:
+def placed_engine(
+    engine: RayEngineConfig, settings: Settings, started_here: bool
+) -> tuple[RayEngineConfig, list[DeploymentAsk]]:
     """The engine with its CPU requests decided for this cluster, and what each deployment asks. On a
     cluster started here nothing can join later: a request it cannot hold is refused at once."""
     import ray
