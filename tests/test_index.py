@@ -339,6 +339,22 @@ def test_a_shards_resident_maps_are_its_own_and_count_like_the_store(refs, tmp_p
     version.close()
 
 
+def test_a_reader_of_some_images_reads_only_their_part_of_the_id_map(refs, tmp_path, tiny_ckpt):
+    """IndexVersion only_ids (a Ray shard replica: its own references; the encoder: none): the same maps
+    for those images, an error (never another image's maps) for the others, every record still there."""
+    build(refs, tmp_path / "index", tiny_ckpt)
+    whole = IndexVersion.open_current(tmp_path / "index")
+    part = IndexVersion(whole.index_dir, whole.name, load_global=False, only_ids=np.array([5, 2]))
+    assert len(part) == len(whole) and part.records([0])[0] == whole.records([0])[0]
+    np.testing.assert_array_equal(part.read_local([2, 5]), whole.read_local([2, 5]))
+    with pytest.raises(KeyError):
+        part.read_stored([0])
+    none = IndexVersion(whole.index_dir, whole.name, load_global=False, only_ids=np.zeros(0, np.int64))
+    assert len(none) == len(whole) and none.segment_names == []
+    for version in (whole, part, none):
+        version.close()
+
+
 def test_localize_refuses_another_model(refs, tmp_path, tiny_ckpt):
     build(refs, tmp_path / "index", tiny_ckpt)
     other = tiny_checkpoint(tmp_path / "other", seed=13)

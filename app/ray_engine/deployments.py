@@ -29,11 +29,13 @@ from app.ray_engine.remote_search import ShardReply
 from app.ray_engine.service import RayVPRService
 from app.service import served_extractor
 from app.settings import Settings
+from index_builder.manifest import IndexManifest
 from index_builder.search import check_compatible, hold_maps_resident
 from index_builder.shard_search import ShardSearcher
 from index_builder.sharding import shard_key
-from index_builder.store import IndexVersion, current_version_name
-from index_builder.store.versions import NO_INDEX_HINT
+from index_builder.store import IndexStoreError, IndexVersion, current_version_name
+from index_builder.store.location_shards import ids_file
+from index_builder.store.versions import NO_INDEX_HINT, VERSIONS
 from model.matching.compact import CompactQuery, check_precision
 from model.matching.precision import Precision
 
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 KEEP_VERSIONS = 2  # a shard keeps the previous version open for the queries still using it
 # Queries from several ingress replicas arrive one by one: wait this long to batch them together.
 ENCODER_MIN_WAIT_S = 0.005
+NO_MAPS = np.zeros(0, dtype=np.int64)  # a reader of a version's identity only (IndexVersion only_ids)
 
 __all__ = ["RayEngineConfig", "application_builder", "build_application"]
 
@@ -51,7 +54,7 @@ class Encoder:
 
     def __init__(self, settings: Settings, version: str) -> None:
         self.extractor = served_extractor(settings)
-        index = IndexVersion(settings.index_dir, version, load_global=False)
+        index = IndexVersion(settings.index_dir, version, load_global=False, only_ids=NO_MAPS)
         check_compatible(index, self.extractor)  # refuse to start rather than answer wrongly
         index.close()
         # Batched per replica (not with a class decorator): the batch size is the service's setting, and
@@ -178,15 +181,19 @@ def _shard_device(device: str) -> torch.device:
 
 
 def _open_shard(index_dir: Path, version: str, position: int) -> ShardSearcher:
-    index = IndexVersion(index_dir, version, load_global=False)
-    shards = len(index.manifest.location_shards)
-    if shards:
-        if position >= shards:
-            index.close()
-            raise ValueError(f"{version} has {shards} location shards, not {shard_key(position)}")
-        return ShardSearcher.open(index, position)
-    index.close()  # unsharded: the whole index is this one shard, with the version's global index
-    return ShardSearcher.whole(IndexVersion(index_dir, version))
+    """A version's part of one location shard: its global index and ids, and of the id map and the
+    segment files only what its own references need (IndexVersion only_ids)."""
+    version_dir = index_dir / VERSIONS / version
+    shards = IndexManifest.read(version_dir).location_shards
+    if not shards:  # unsharded: the whole index is this one shard, with the version's global index
+        return ShardSearcher.whole(IndexVersion(index_dir, version))
+    if position >= len(shards):
+        raise ValueError(f"{version} has {len(shards)} location shards, not {shard_key(position)}")
+    try:
+        own = np.load(version_dir / ids_file(shards[position].key), allow_pickle=False)
+    except (OSError, ValueError):
+        raise IndexStoreError(f"{version}: location shard {shard_key(position)} is damaged") from None
+    return ShardSearcher.open(IndexVersion(index_dir, version, load_global=False, only_ids=own), position)
 
 
 def published_version(index_dir: Path) -> tuple[str, int]:

@@ -124,9 +124,13 @@ def point_current(index_dir: Path, name: str) -> None:
 class IndexVersion:
     """One published version, opened for searching. It stays usable while newer versions appear."""
 
-    def __init__(self, index_dir: Path, name: str, load_global: bool = True) -> None:
+    def __init__(
+        self, index_dir: Path, name: str, load_global: bool = True, only_ids: np.ndarray | None = None
+    ) -> None:
         """load_global=False leaves the version-wide global index unread (None): a location shard's
-        server reads only its own, and a Ray router none."""
+        server reads only its own, and a Ray router none. only_ids: the images whose local maps this
+        reader reads (a location shard's server: its own; none: an empty array); only their rows of the
+        id map are read, and only the segment files they are in are opened. Default: all."""
         self.index_dir, self.name = index_dir, name
         self.dir = index_dir / VERSIONS / name
         self.manifest = IndexManifest.read(self.dir)
@@ -138,18 +142,20 @@ class IndexVersion:
                 else None
             )
             self.db = open_metadata(self.dir / METADATA_FILE)
-            column = segment_column(self.db)
-            locations = self.db.execute(f"SELECT {column} AS segment, row FROM images ORDER BY id").fetchall()
-            self.segment_names = sorted({r["segment"] for r in locations})
+            count, ids, locations = _read_locations(self.db, only_ids)
+            self.segment_names = sorted({segment for segment, _ in locations})
             segments = [SegmentFiles(segment_dir(index_dir, s)) for s in self.segment_names]
         except (RuntimeError, sqlite3.Error, OSError, ValueError) as exc:  # faiss raises RuntimeError
             raise IndexStoreError(
                 f"version {name} is damaged ({type(exc).__name__}); rebuild the index"
             ) from None
         segment_index = {s: i for i, s in enumerate(self.segment_names)}
-        # id -> (segment, row): 8 bytes per image, all a search needs to find an image's local features
-        self.id_segment = np.array([segment_index[r["segment"]] for r in locations], dtype=np.int32)
-        self.id_row = np.array([r["row"] for r in locations], dtype=np.int32)
+        # id -> (segment, row): 8 bytes per image, all a search needs to find an image's local features;
+        # -1 for an image whose maps this reader does not read (only_ids)
+        self.id_segment = np.full(count, -1, dtype=np.int32)
+        self.id_row = np.full(count, -1, dtype=np.int32)
+        self.id_segment[ids] = [segment_index[segment] for segment, _ in locations]
+        self.id_row[ids] = [row for _, row in locations]
         self.segments = segments
         self.resident: ResidentMaps | None = None  # make_resident: the local maps in a GPU's memory
         # a version dropped without close() (a server swapping in a newer one) still releases its files
@@ -210,6 +216,8 @@ class IndexVersion:
     def read_stored(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
         """The stored local arrays of these images (values, scales or None), in the given order."""
         ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (self.id_segment[ids] < 0).any():
+            raise KeyError(f"{self.name}: maps of images this reader did not open (only_ids)")
         first = self.segments[0] if self.segments else None
         values = np.empty(
             (len(ids), *self.identity.local_shape), dtype=first.local.dtype if first else np.float32
@@ -232,6 +240,32 @@ class IndexVersion:
     def close(self) -> None:
         self.resident = None  # device memory goes back now, not when the object is collected
         self._finalizer()
+
+
+# ids per query when reading part of the id map (below SQLite's limit on bound parameters)
+ID_CHUNK = 10_000
+
+
+def _read_locations(
+    db: sqlite3.Connection, only_ids: np.ndarray | None
+) -> tuple[int, np.ndarray, list[tuple[str, int]]]:
+    """(images in the version, ids read, their (segment, row)): all ids in order, or only_ids' rows
+    looked up by id (a shard of 250,000 in a 1 M index: its own rows, not the whole table)."""
+    column = segment_column(db)
+    if only_ids is None:
+        rows = db.execute(f"SELECT {column} AS segment, row FROM images ORDER BY id").fetchall()
+        return len(rows), np.arange(len(rows)), [(r["segment"], r["row"]) for r in rows]
+    count = (db.execute("SELECT MAX(id) FROM images").fetchone()[0] or -1) + 1  # ids are 0..n-1
+    ids = np.unique(np.asarray(only_ids, dtype=np.int64))
+    found: dict[int, tuple[str, int]] = {}
+    for start in range(0, len(ids), ID_CHUNK):
+        chunk = ids[start : start + ID_CHUNK].tolist()
+        marks = ", ".join("?" * len(chunk))
+        query = f"SELECT id, {column} AS segment, row FROM images WHERE id IN ({marks})"
+        found.update((r["id"], (r["segment"], r["row"])) for r in db.execute(query, chunk))
+    if len(found) != len(ids):
+        raise ValueError("ids missing from the version's metadata")
+    return count, ids, [found[i] for i in ids.tolist()]
 
 
 def _close_version(segments: list[SegmentFiles], db: sqlite3.Connection) -> None:
