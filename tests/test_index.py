@@ -340,17 +340,21 @@ def test_a_shards_resident_maps_are_its_own_and_count_like_the_store(refs, tmp_p
 
 
 def test_a_reader_of_some_images_reads_only_their_part_of_the_id_map(refs, tmp_path, tiny_ckpt):
-    """IndexVersion only_ids (a Ray shard replica: its own references; the encoder: none): the same maps
-    for those images, an error (never another image's maps) for the others, every record still there."""
+    """IndexVersion only_ids (a Ray shard replica: its own references; the ingress and the encoder:
+    none): only those rows of the id map at opening, the others looked up when first read; the same
+    maps and records as a reader of the whole map."""
     build(refs, tmp_path / "index", tiny_ckpt)
     whole = IndexVersion.open_current(tmp_path / "index")
     part = IndexVersion(whole.index_dir, whole.name, load_global=False, only_ids=np.array([5, 2]))
     assert len(part) == len(whole) and part.records([0])[0] == whole.records([0])[0]
+    assert sorted(np.nonzero(part.id_segment >= 0)[0].tolist()) == [2, 5]
     np.testing.assert_array_equal(part.read_local([2, 5]), whole.read_local([2, 5]))
-    with pytest.raises(KeyError):
-        part.read_stored([0])
     none = IndexVersion(whole.index_dir, whole.name, load_global=False, only_ids=np.zeros(0, np.int64))
     assert len(none) == len(whole) and none.segment_names == []
+    everything = list(range(len(whole)))
+    for reader in (part, none):  # looked up on first read, files opened then
+        np.testing.assert_array_equal(reader.read_local(everything[::-1]), whole.read_local(everything[::-1]))
+        assert sorted(reader.segment_names) == sorted(whole.segment_names)
     for version in (whole, part, none):
         version.close()
 

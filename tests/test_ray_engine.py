@@ -141,6 +141,13 @@ def test_ray_app_answers_as_the_single_process(serve, sharded_shared_indexes, sh
             assert _comparable(got.json()) == _comparable(expected), path.name
         ready = client.get("/readyz").json()
         assert ready["index_version"] == version and ready["shards_without_replica"] == []
+        # /localize/pairs: the ingress reads the reference's map, its id-map row looked up then
+        top = got.json()["matches"][0]
+        with open(path, "rb") as f:
+            files = {"image": (path.name, f, "image/jpeg")}
+            pairs = client.post("/localize/pairs", files=files, data={"reference_id": str(top["id"])})
+        assert pairs.status_code == 200, pairs.text
+        assert pairs.json()["mnn_matches"] == top["mnn_matches"]
 
 
 @pytest.mark.parametrize("behaviour", ["raise", "hang"])

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from app.errors import ServiceUnavailable
@@ -33,6 +34,7 @@ from model.matching.defaults import resolve_precision
 
 log = logging.getLogger(__name__)
 HEALTH_PERIOD_S = 2.0
+NO_MAPS = np.zeros(0, dtype=np.int64)  # the ingress reads no id-map rows at opening (IndexVersion only_ids)
 REBUILDER_TIMEOUT_S = 10.0  # a request or a state read of the rebuilder (it answers from memory)
 NO_REBUILDER = (
     "rebuilding is not served by this deployment (no rebuilder): run `selavpr index build` on the index "
@@ -117,7 +119,8 @@ class RayVPRService(VPRService):
             self.index_problem = str(exc)
 
     def _localizer_for(self, name: str) -> RemoteLocalizer:
-        version = IndexVersion(self.settings.index_dir, name, load_global=False)
+        # metadata only: /localize/pairs reads one reference's map, its row looked up then
+        version = IndexVersion(self.settings.index_dir, name, load_global=False, only_ids=NO_MAPS)
         try:
             check_compatible(version, self.extractor)
             shards = max(1, len(version.manifest.location_shards))

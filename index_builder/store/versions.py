@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -129,8 +130,10 @@ class IndexVersion:
     ) -> None:
         """load_global=False leaves the version-wide global index unread (None): a location shard's
         server reads only its own, and a Ray router none. only_ids: the images whose local maps this
-        reader reads (a location shard's server: its own; none: an empty array); only their rows of the
-        id map are read, and only the segment files they are in are opened. Default: all."""
+        reader expects to read (a location shard's server: its own; the Ray ingress: none, an empty
+        array); only their rows of the id map are read at opening, and only the segment files they are
+        in are opened; another image's row (and file) is looked up when it is first read. Default: all,
+        at opening."""
         self.index_dir, self.name = index_dir, name
         self.dir = index_dir / VERSIONS / name
         self.manifest = IndexManifest.read(self.dir)
@@ -149,14 +152,14 @@ class IndexVersion:
             raise IndexStoreError(
                 f"version {name} is damaged ({type(exc).__name__}); rebuild the index"
             ) from None
-        segment_index = {s: i for i, s in enumerate(self.segment_names)}
         # id -> (segment, row): 8 bytes per image, all a search needs to find an image's local features;
-        # -1 for an image whose maps this reader does not read (only_ids)
+        # -1 for an image not looked up yet (only_ids)
         self.id_segment = np.full(count, -1, dtype=np.int32)
         self.id_row = np.full(count, -1, dtype=np.int32)
-        self.id_segment[ids] = [segment_index[segment] for segment, _ in locations]
-        self.id_row[ids] = [row for _, row in locations]
         self.segments = segments
+        self._segment_index = {s: i for i, s in enumerate(self.segment_names)}
+        self._place(ids, locations)
+        self._looking_up = threading.Lock()
         self.resident: ResidentMaps | None = None  # make_resident: the local maps in a GPU's memory
         # a version dropped without close() (a server swapping in a newer one) still releases its files
         self._finalizer = weakref.finalize(self, _close_version, self.segments, self.db)
@@ -217,7 +220,7 @@ class IndexVersion:
         """The stored local arrays of these images (values, scales or None), in the given order."""
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) and (self.id_segment[ids] < 0).any():
-            raise KeyError(f"{self.name}: maps of images this reader did not open (only_ids)")
+            self._look_up(ids)
         first = self.segments[0] if self.segments else None
         values = np.empty(
             (len(ids), *self.identity.local_shape), dtype=first.local.dtype if first else np.float32
@@ -232,6 +235,26 @@ class IndexVersion:
             if scales is not None:
                 scales[where] = s
         return values, scales
+
+    def _place(self, ids: np.ndarray, locations: list[tuple[str, int]]) -> None:
+        """Fill the id map for these ids, opening the segment files not open yet."""
+        for segment, _ in locations:
+            if segment not in self._segment_index:
+                self.segments.append(SegmentFiles(segment_dir(self.index_dir, segment)))
+                self.segment_names.append(segment)
+                self._segment_index[segment] = len(self.segments) - 1
+        self.id_row[ids] = [row for _, row in locations]
+        self.id_segment[ids] = [self._segment_index[segment] for segment, _ in locations]
+
+    def _look_up(self, ids: np.ndarray) -> None:
+        """Rows of the id map not read at opening (only_ids), read now from meta.sqlite."""
+        with self._looking_up:
+            missing = np.unique(ids[self.id_segment[ids] < 0])
+            if len(missing):
+                try:
+                    self._place(missing, _locations_of(self.db, missing))
+                except (sqlite3.Error, OSError, ValueError) as exc:
+                    raise IndexStoreError(f"version {self.name} is damaged ({type(exc).__name__})") from None
 
     def read_local(self, ids: Sequence[int]) -> np.ndarray:
         """Local maps of these images, float32 (k, h, w, C), in the given order."""
@@ -251,21 +274,28 @@ def _read_locations(
 ) -> tuple[int, np.ndarray, list[tuple[str, int]]]:
     """(images in the version, ids read, their (segment, row)): all ids in order, or only_ids' rows
     looked up by id (a shard of 250,000 in a 1 M index: its own rows, not the whole table)."""
-    column = segment_column(db)
     if only_ids is None:
+        column = segment_column(db)
         rows = db.execute(f"SELECT {column} AS segment, row FROM images ORDER BY id").fetchall()
         return len(rows), np.arange(len(rows)), [(r["segment"], r["row"]) for r in rows]
-    count = (db.execute("SELECT MAX(id) FROM images").fetchone()[0] or -1) + 1  # ids are 0..n-1
+    largest = db.execute("SELECT MAX(id) FROM images").fetchone()[0]
+    count = 0 if largest is None else largest + 1  # ids are 0..n-1
     ids = np.unique(np.asarray(only_ids, dtype=np.int64))
+    return count, ids, _locations_of(db, ids)
+
+
+def _locations_of(db: sqlite3.Connection, ids: np.ndarray) -> list[tuple[str, int]]:
+    """(segment, row) of each of these ids, in their order."""
+    column = segment_column(db)
     found: dict[int, tuple[str, int]] = {}
     for start in range(0, len(ids), ID_CHUNK):
         chunk = ids[start : start + ID_CHUNK].tolist()
         marks = ", ".join("?" * len(chunk))
         query = f"SELECT id, {column} AS segment, row FROM images WHERE id IN ({marks})"
         found.update((r["id"], (r["segment"], r["row"])) for r in db.execute(query, chunk))
-    if len(found) != len(ids):
+    if len(found) != len(set(ids.tolist())):
         raise ValueError("ids missing from the version's metadata")
-    return count, ids, [found[i] for i in ids.tolist()]
+    return [found[i] for i in ids.tolist()]
 
 
 def _close_version(segments: list[SegmentFiles], db: sqlite3.Connection) -> None:
