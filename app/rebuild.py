@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from app.heap import trim_heap
 from index_builder.builder import BuildConfig, BuildProgress, build_index
+from index_builder.encoding import Encoder
 from index_builder.manifest import BuildReport
 from index_builder.store.space import DiskFull, storage_problem
 from model.extractor import FeatureExtractor
@@ -38,8 +39,10 @@ class RebuildManager:
         on_published: Callable[[BuildReport], None],
         on_progress: Callable[[BuildProgress], None] = lambda p: None,
         on_finished: Callable[[str, float], None] = lambda outcome, seconds: None,
+        make_encoder: Callable[[], Encoder | None] = lambda: None,
     ) -> None:
-        self.config, self.extractor = config, extractor
+        """make_encoder: the encoder of each build (None: the builder's own, in this process)."""
+        self.config, self.extractor, self.make_encoder = config, extractor, make_encoder
         self.on_published, self.on_progress, self.on_finished = on_published, on_progress, on_finished
         self.status = RebuildState()
         self._lock = threading.Lock()
@@ -85,7 +88,9 @@ class RebuildManager:
         """One build: (its report, None) when published, (None, a public error) when it failed."""
         started = self.status.started_at or time.monotonic()
         try:
-            report = build_index(self.config, extractor=self.extractor, on_progress=self._progress)
+            report = build_index(
+                self.config, extractor=self.extractor, on_progress=self._progress, encoder=self.make_encoder()
+            )
         except Exception as exc:  # reported through /index/status; the published version keeps serving
             log.exception("rebuild failed")
             full = isinstance(exc, DiskFull)

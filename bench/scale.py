@@ -1,7 +1,8 @@
 """A city in simulation: a synthetic index of --images references over --shards location shards, served
 by the Ray engine's shard deployments on a local cluster, queried through the Ray router
-(app/ray_engine/remote_search.py). Prints JSON: per-shard memory, query latency (p50/p95, by stage), and
-the bytes that travel per query.
+(app/ray_engine/remote_search.py). Prints JSON: per-shard memory and start-up time, query latency
+(p50/p95, by stage), and the bytes that travel between the router and the shards per query (measured:
+every call's arguments and reply, pickled as Ray ships them; the query map in --precision).
 
 Synthetic: random unit global descriptors (the real exact search over them); every reference's local map
 is one of a small pool (--pool) written once, so that 1 M references do not need 476 GB of disk (each
@@ -15,6 +16,7 @@ Run it where nothing can leave the machine, as the tests do:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import pickle
@@ -118,7 +120,7 @@ def write_synthetic_index(root: Path, images: int, shards: int, dim: int, map_sh
         references="synthetic",
         count=images,
         global_index=GlobalIndexConfig(),
-        shards=[],
+        segments=[],
         location_shards=plans,
         version="v000001",
     )
@@ -156,23 +158,64 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def _bytes_per_query(results_k: int, shards: int, owners: int, dim: int, map_shape, rerank_k: int) -> dict:
-    """What the router sends and receives for one query, pickled as Ray ships it."""
-    query_global = np.zeros((1, dim), np.float32)
-    query_local = np.zeros(map_shape, np.float32)
-    top_reply = [(np.zeros(results_k, np.float32), np.zeros(results_k, np.int64))]
-    per_owner_ids = np.zeros(max(1, rerank_k // max(owners, 1)), np.int64)
-    sent = shards * len(pickle.dumps((query_global, results_k))) + owners * len(
-        pickle.dumps((query_local, per_owner_ids, "float32"))
-    )
-    received = shards * len(pickle.dumps(top_reply)) + owners * len(
-        pickle.dumps(np.zeros(len(per_owner_ids)))
-    )
+class _Meter:
+    """Bytes of the calls' arguments and replies, pickled (protocol 5) as Ray ships them."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sent = self.received = 0
+        self.query_maps: list[int] = []  # bytes of each query map sent with a counts call
+
+
+class _MeteredResponse:
+    def __init__(self, response, meter: _Meter) -> None:
+        self.response, self.meter = response, meter
+
+    def result(self, timeout_s: float | None = None):
+        value = self.response.result(timeout_s=timeout_s)
+        self.meter.received += len(pickle.dumps(value, protocol=5))
+        return value
+
+    def cancel(self) -> None:
+        self.response.cancel()
+
+
+class _MeteredMethod:
+    def __init__(self, name: str, method, meter: _Meter) -> None:
+        self.name, self.method, self.meter = name, method, meter
+
+    def remote(self, *args):
+        self.meter.sent += len(pickle.dumps(args, protocol=5))
+        if self.name == "counts":
+            self.meter.query_maps.append(args[0].nbytes)
+        return _MeteredResponse(self.method.remote(*args), self.meter)
+
+
+class _MeteredHandle:
+    """A shard deployment's handle whose calls are metered."""
+
+    def __init__(self, handle, meter: _Meter) -> None:
+        self.handle, self.meter = handle, meter
+
+    def __getattr__(self, name: str) -> _MeteredMethod:
+        return _MeteredMethod(name, getattr(self.handle, name), self.meter)
+
+
+def _bytes_per_query(meters: list[_Meter], rerank_k: int, map_shape, owners: int) -> dict:
+    """What the router sent to and received from the shards per query (measured), against the candidate
+    maps that stayed on the shards."""
+    sent = [m.sent for m in meters]
+    received = [m.received for m in meters]
     candidate_maps = rerank_k * int(np.prod(map_shape)) * (1 + 2 / map_shape[-1])  # int8 + float16 scales
     return {
-        "sent": sent,
-        "received": received,
-        "total": sent + received,
+        "sent": int(np.mean(sent)),
+        "received": int(np.mean(received)),
+        "total": int(np.mean(sent) + np.mean(received)),
+        "counts_calls": round(float(np.mean([len(m.query_maps) for m in meters])), 2),
+        "query_map_bytes": sorted({b for m in meters for b in m.query_maps}),
+        "float32_query_map_bytes": int(np.prod(map_shape)) * 4,
         "shards_asked_for_counts": owners,
         "candidate_maps_not_moved": int(candidate_maps),
     }
@@ -214,36 +257,39 @@ def run(args: argparse.Namespace) -> dict:
             logging_level="WARNING",
         )
         version = "v000001"
-        handles = [
-            serve.run(
-                ShardServer.options(name=shard_key(k), ray_actor_options={"num_cpus": 0}).bind(
-                    str(work), version, k, None
-                ),
-                name=shard_key(k),
-                route_prefix=None,
+        report["cluster_start_s"] = round(time.monotonic() - started, 1)
+        handles, shard_start_s = [], []
+        for k in range(args.shards):
+            shard_started = time.monotonic()
+            bound = ShardServer.options(name=shard_key(k), ray_actor_options={"num_cpus": 0}).bind(
+                str(work), version, k, None
             )
-            for k in range(args.shards)
-        ]
+            handles.append(serve.run(bound, name=shard_key(k), route_prefix=None))
+            shard_start_s.append(round(time.monotonic() - shard_started, 1))
         report["deploy_s"] = round(time.monotonic() - started, 1)
+        report["shard_start_s"] = shard_start_s  # deployment created -> its replica serving, each
         pids = [h.ping.remote().result(timeout_s=60) for h in handles]
         rng = np.random.default_rng(1)
         pool_maps = IndexVersion(work, version, load_global=False).read_local(list(range(args.pool)))
         features = {q: (_unit(rng, 1, args.dim)[0], pool_maps[q % args.pool]) for q in range(args.queries)}
         index = IndexVersion(work, version, load_global=False)
+        meter = _Meter()
         router = RemoteLocalizer(
             index,
             _FixedEncoder(features),
-            handles,
+            [_MeteredHandle(h, meter) for h in handles],
             Precision(args.precision),
             Metrics(),
             CallPolicy(timeout_s=120),
         )
-        latencies, search, rerank = [], [], []
+        latencies, search, rerank, meters = [], [], [], []
         for q in range(args.queries):
             tensor = torch.full((1, 3, 2, 2), float(q))
             t0 = time.perf_counter()
+            meter.reset()
             (result,) = router.run(tensor, [args.top_k], [args.rerank_k], [None])
             latencies.append(time.perf_counter() - t0)
+            meters.append(copy.copy(meter))
             search.append(result.timings_ms.search / 1e3)
             rerank.append(result.timings_ms.rerank / 1e3)
             assert not result.partial and len(result.matches) == args.top_k
@@ -277,9 +323,7 @@ def run(args: argparse.Namespace) -> dict:
             }
             for k, (plan, pid) in enumerate(zip(index.manifest.location_shards, pids, strict=True))
         ]
-        report["bytes_per_query"] = _bytes_per_query(
-            args.rerank_k, args.shards, owners, args.dim, map_shape, args.rerank_k
-        )
+        report["bytes_per_query"] = _bytes_per_query(meters, args.rerank_k, map_shape, owners)
         report["load_average_after"] = os.getloadavg()
         index.close()
     finally:
@@ -303,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--rerank-k", type=int, default=100)
-    parser.add_argument("--precision", default="float32")
+    parser.add_argument(
+        "--precision", default="float32", help="of the counts: the query map travels to the shards in it"
+    )
     parser.add_argument(
         "--work-dir", default=None, help="where the synthetic index is written (removed after)"
     )

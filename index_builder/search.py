@@ -81,8 +81,7 @@ class Localizer:
         self.searchers = searchers_of(index)
         if index.calibration is not None:
             _ = index.locations  # read now, not by the first query
-        if extractor.device.type != "cpu" and 0 < index.stored_local_bytes() <= resident_max_bytes:
-            make_resident(index, extractor.device)
+        hold_maps_resident(index, extractor.device, resident_max_bytes)
 
     @classmethod
     def open(
@@ -246,14 +245,27 @@ def _shape(index: IndexVersion) -> str:
     return "x".join(map(str, index.identity.local_shape))
 
 
-def make_resident(index: IndexVersion, device: torch.device) -> None:
+def hold_maps_resident(
+    index: IndexVersion, device: torch.device, max_bytes: int, ids: np.ndarray | None = None
+) -> bool:
+    """The GPU policy of a server (the single process, and a Ray shard replica for its own references,
+    `ids`): on an accelerator, hold the local maps in its memory when they take at most max_bytes, so
+    that re-ranking reads nothing per query. Whether they are held."""
+    count = len(index) if ids is None else len(ids)
+    if device.type == "cpu" or not 0 < index.stored_local_bytes(count) <= max_bytes:
+        return False
+    return make_resident(index, device, ids)
+
+
+def make_resident(index: IndexVersion, device: torch.device, ids: np.ndarray | None = None) -> bool:
     start = time.perf_counter()
     try:
-        index.make_resident(device)
+        index.make_resident(device, ids)
     except torch.OutOfMemoryError:
         log.warning("index %s: its local maps do not fit on %s; reading them per query", index.name, device)
-        return
-    mib = index.stored_local_bytes() / 2**20
+        return False
+    count = len(index) if ids is None else len(ids)
+    mib = index.stored_local_bytes(count) / 2**20
     log.info(
         "index %s: %.0f MiB of local maps on %s (%.1f s)",
         index.name,
@@ -261,6 +273,7 @@ def make_resident(index: IndexVersion, device: torch.device) -> None:
         device,
         time.perf_counter() - start,
     )
+    return True
 
 
 def _match(record: ImageRecord, rank: int, score: float, count: int) -> Match:

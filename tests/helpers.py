@@ -114,3 +114,14 @@ def shared_references(shared_data: Path, refs: Path) -> Path:
         rows.append(f"{path.relative_to(refs).as_posix()},{lat},{lon}")
     (refs / "locations.csv").write_text("\n".join(rows) + "\n")
     return refs
+
+
+def mirrored_jpeg(path: Path) -> bytes:
+    """A reference photo the index does not hold: a shared image mirrored."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    buffer = io.BytesIO()
+    ImageOps.mirror(Image.open(path).convert("RGB")).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()

@@ -1,12 +1,14 @@
 """Driver of tests/test_ray_cluster.py, run inside a loopback-only network namespace (`unshare -n`):
 `selavpr serve --engine ray` on a local Ray cluster, every query compared with the single-process answer,
-then a shard replica killed mid-traffic. Writes a JSON report; the test asserts on it.
+then a shard replica hung (SIGSTOP) and killed mid-traffic, then references uploaded and rebuilt under
+traffic; and a cluster too small for explicit requests. Writes a JSON report; the test asserts on it.
 
     python -m tests.ray_cluster_scenario CONFIG.json REPORT.json
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import httpx
 
-from tests.servers import serve_process
+from tests.servers import selavpr_command, serve_process
 
 KILLED_SHARD = "shard-01"
-REMOVED_VIEW = "matching_triplets/p9/i2"  # the references the rebuild under traffic leaves out
+API_KEY = "scenario-key"
+REPO = Path(__file__).resolve().parents[1]
 SCORE_TOLERANCE = 1.5e-6  # one unit of the 6th decimal the scores are rounded to, and float noise
 
 
@@ -137,12 +140,90 @@ def _kill_under_traffic(client, base, queries, deadline_s: float) -> dict:
     }
 
 
-def _rebuild_under_traffic(client, base, queries, config: dict, run: dict) -> dict:
-    """Queries in a loop while `selavpr index build` publishes a version without one place's third
-    view (from a copy of the references: the queries keep their files); the loop goes on until the
-    answers come from the new version."""
+def _hang_under_traffic(client, base, queries, hang_s: float, deadline_s: float) -> dict:
+    """Queries in a loop; the shard's replica processes are stopped (SIGSTOP: alive, silent) for
+    hang_s, then continued; the loop goes on until answers are complete again, or the deadline."""
     answers: list[dict] = []
     stop = threading.Event()
+
+    def traffic() -> None:
+        i = 0
+        while not stop.is_set():
+            status, body, elapsed = _post(client, base, Path(queries[i % len(queries)]))
+            answers.append(
+                {
+                    "t": time.monotonic(),
+                    "status": status,
+                    "partial": body.get("partial"),
+                    "missing": body.get("missing_shards"),
+                    "elapsed_s": elapsed,
+                }
+            )
+            i += 1
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    pids: list[int] = []
+    try:
+        while len(answers) < 3:
+            time.sleep(0.05)
+        pids = _replica_pids(KILLED_SHARD)
+        stopped_at = time.monotonic()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep(hang_s)
+        continued_at = time.monotonic()
+        for pid in pids:
+            _signal_if_alive(pid, signal.SIGCONT)
+        recovered_at = None
+        while time.monotonic() < continued_at + deadline_s:
+            complete = [a for a in answers if a["t"] > continued_at and not a["partial"]]
+            if len(complete) >= 3:
+                recovered_at = complete[0]["t"]
+                break
+            time.sleep(0.2)
+    finally:
+        for pid in pids:
+            _signal_if_alive(pid, signal.SIGCONT)
+        stop.set()
+        worker.join(timeout=120)
+    return {
+        "stopped_pids": pids,
+        "hang_s": round(continued_at - stopped_at, 3),
+        "answers": [{**a, "t": round(a["t"] - stopped_at, 3)} for a in answers],
+        "recovered_after_s": round(recovered_at - continued_at, 3) if recovered_at else None,
+    }
+
+
+def _settle(client, base, timeout_s: float, steady_s: float = 5.0) -> float | None:
+    """Seconds until /readyz has listed no shard without a replica for steady_s (Serve may replace a
+    restarted replica once more), or None."""
+    started = time.monotonic()
+    steady_since = None
+    while time.monotonic() < started + timeout_s:
+        ready = client.get(f"{base}/readyz").json()
+        if ready.get("shards_without_replica") == []:
+            steady_since = steady_since or time.monotonic()
+            if time.monotonic() - steady_since >= steady_s:
+                return round(time.monotonic() - started, 1)
+        else:
+            steady_since = None
+        time.sleep(0.5)
+    return None
+
+
+def _signal_if_alive(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # Serve replaced the silent replica meanwhile
+        os.kill(pid, sig)
+
+
+def _rebuild_under_traffic(client, base, queries, config: dict) -> dict:
+    """Queries in a loop while a new reference photo (a shared image mirrored) is uploaded and
+    POST /index/rebuild builds and rolls out the next version; the loop goes on until the answers come
+    from it. Then the new photo is searched for."""
+    answers: list[dict] = []
+    stop = threading.Event()
+    key = {"X-API-Key": API_KEY}
 
     def traffic() -> None:
         i = 0
@@ -153,46 +234,71 @@ def _rebuild_under_traffic(client, base, queries, config: dict, run: dict) -> di
                     "status": status,
                     "partial": body.get("partial"),
                     "version": body.get("index_version"),
-                    "paths": [m["path"] for m in body.get("matches", [])],
                     "elapsed_s": elapsed,
                 }
             )
             i += 1
 
+    new_photo = Path(config["new_photo"]).read_bytes()
+    before = client.get(f"{base}/index/status").json()["index_version"]
     worker = threading.Thread(target=traffic)
     worker.start()
+    statuses: list[dict] = []
     try:
-        removed = Path(config["rebuild_references"]) / REMOVED_VIEW
-        for image in removed.iterdir():
-            image.unlink()
-        removed.rmdir()
-        command = [
-            sys.executable,
-            "-m",
-            "app.cli",
-            "index",
-            "build",
-            "--references",
-            config["rebuild_references"],
-        ]
-        command += ["--index-dir", run["index_dir"], "--device", "cpu"]
-        environment = {**os.environ, "SELAVPR_CACHE_DIR": config["cache_dir"]}
-        build = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
-        published = (
-            json.loads(build.stdout.strip().splitlines()[-1])["version"] if build.returncode == 0 else None
+        unauthorised = client.post(f"{base}/index/rebuild").status_code
+        files = {"image": ("mirrored.jpg", new_photo, "image/jpeg")}
+        upload = client.post(
+            f"{base}/index/images", files=files, data={"lat": "35.68", "lon": "139.76"}, headers=key
         )
-        end = time.monotonic() + 60
-        while time.monotonic() < end and not any(a["version"] == published for a in answers[-3:]):
-            time.sleep(0.2)
+        started = client.post(f"{base}/index/rebuild", headers=key)
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            status = client.get(f"{base}/index/status").json()
+            statuses.append({k: status.get(k) for k in ("state", "progress", "index_version", "last_error")})
+            report = status.get("last_report")
+            published = report["version"] if report and status["state"] != "running" else None
+            rolled = published is not None and status["index_version"] == published
+            if rolled and any(a["version"] == published for a in answers[-3:]):
+                break
+            time.sleep(0.5)
     finally:
         stop.set()
         worker.join(timeout=120)
+    found = client.post(
+        f"{base}/localize", files={"image": ("q.jpg", new_photo, "image/jpeg")}, data={"top_k": "3"}
+    ).json()
     return {
-        "build_returncode": build.returncode,
-        "build_stderr": build.stderr[-2000:],
-        "published": published,
+        "unauthorised_status": unauthorised,
+        "upload_status": upload.status_code,
+        "rebuild_status": started.status_code,
+        "before": before,
+        "published": (status.get("last_report") or {}).get("version"),
+        "last_error": status.get("last_error"),
+        "statuses": statuses[-5:],
+        "progress_seen": any(s["progress"] for s in statuses),
         "answers": answers,
+        "found": {
+            "version": found.get("index_version"),
+            "top": [m["name"] for m in found.get("matches", [])],
+        },
     }
+
+
+def _too_small(config: dict, env: dict, run: dict) -> dict:
+    """`serve --engine ray --replica-num-cpus 1` on a 2-CPU cluster: it must exit, not wait."""
+    command = [
+        *selavpr_command(console_script=True),
+        "serve",
+        "--engine",
+        "ray",
+        "--index-dir",
+        run["index_dir"],
+    ]
+    command += ["--references", config["references"], "--device", "cpu", "--replica-num-cpus", "1"]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env={**os.environ, **env})
+    errors = [line for line in done.stderr.splitlines() if line.startswith("selavpr serve: error:")]
+    return {"returncode": done.returncode, "seconds": round(time.monotonic() - started, 1), "errors": errors}
 
 
 def main(config_path: str, report_path: str) -> None:
@@ -202,34 +308,43 @@ def main(config_path: str, report_path: str) -> None:
         "RAY_USAGE_STATS_ENABLED": "0",
         "SELAVPR_SHARD_TIMEOUT_S": str(config["shard_timeout_s"]),
         "SELAVPR_CACHE_DIR": config["cache_dir"],
+        "SELAVPR_API_KEY": API_KEY,
         "RAY_TMPDIR": config["ray_tmp"],
+        # the installed `selavpr` script then imports this checkout, as it does for a developer
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     for run in config["runs"]:
         started = time.monotonic()
-        args = [
-            "--engine", "ray",
-            "--index-dir", run["index_dir"],
-            "--references", config["references"],
-            "--device", "cpu",
-            "--ray-num-cpus", "2",
-            "--replica-num-cpus", "0",
-        ]  # fmt: skip
-        log = Path(config["log_dir"]) / f"serve-{run['shards']}.log"
-        entry: dict = {"shards": run["shards"]}
+        entry: dict = {"name": run["name"], "shards": run["shards"]}
+        if run.get("too_small"):
+            entry["too_small"] = _too_small(config, env, run)
+            report["runs"].append(entry)
+            Path(report_path).write_text(json.dumps(report, indent=1))
+            continue
+        args = ["--engine", "ray", "--index-dir", run["index_dir"], "--references", run["references"]]
+        args += ["--device", "cpu", *run.get("flags", [])]
+        log = Path(config["log_dir"]) / f"serve-{run['name']}.log"
         with (
-            serve_process(args, env=env, log=log, ready_s=300) as (base, _),
+            serve_process(args, env=env, log=log, ready_s=300, console_script=run["console_script"]) as (
+                base,
+                _,
+            ),
             httpx.Client(timeout=120) as client,
         ):
             entry["ready_s"] = round(time.monotonic() - started, 1)
             entry["ready"] = client.get(f"{base}/readyz").json()
             references = Path(config["references"])
             entry["compare"] = _compare_all(client, base, config["queries"], config["expected"], references)
-            if run.get("kill"):
+            if run.get("faults"):
+                entry["hang"] = _hang_under_traffic(
+                    client, base, config["queries"], config["hang_s"], config["recovery_s"]
+                )
                 entry["kill"] = _kill_under_traffic(client, base, config["queries"], config["recovery_s"])
+                entry["settled_s"] = _settle(client, base, config["recovery_s"])
                 entry["compare_after"] = _compare_all(
                     client, base, config["queries"][:6], config["expected"], references
                 )
-                entry["rebuild"] = _rebuild_under_traffic(client, base, config["queries"], config, run)
+                entry["rebuild"] = _rebuild_under_traffic(client, base, config["queries"], config)
                 entry["metrics"] = [
                     line
                     for line in client.get(f"{base}/metrics").text.splitlines()

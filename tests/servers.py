@@ -27,12 +27,14 @@ def serve_process(
     env: dict[str, str | None] | None = None,
     log: Path | None = None,
     ready_s: float = 90,
+    console_script: bool = False,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """`selavpr serve --port P ARGS` -> (base URL, process) once /readyz answers 200; SIGTERM (then
     SIGKILL) on the way out. `env` adds variables to the environment (None removes one); the output goes
-    to `log` when given, else to the process's stdout pipe."""
+    to `log` when given, else to the process's stdout pipe. console_script: the installed `selavpr`
+    command, as users run it (else `python -m app.cli`)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), *args]
+    cmd = [*selavpr_command(console_script), "serve", "--port", str(port), *args]
     environment = {**os.environ, **(env or {})}
     environment = {k: v for k, v in environment.items() if v is not None}
     out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 (closed below)
@@ -60,6 +62,14 @@ def serve_process(
         finally:
             if log:
                 out.close()
+
+
+def selavpr_command(console_script: bool = False) -> list[str]:
+    """The installed `selavpr` script beside this interpreter (it imports app from PYTHONPATH first, so
+    a checkout that sets it runs its own code), or `python -m app.cli`."""
+    if console_script:
+        return [str(Path(sys.executable).parent / "selavpr")]
+    return [sys.executable, "-m", "app.cli"]
 
 
 def _output(proc: subprocess.Popen, log: Path | None) -> str:

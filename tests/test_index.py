@@ -316,6 +316,50 @@ def test_resident_maps_feed_the_matcher_like_the_store(refs, tmp_path, tiny_ckpt
     assert version.resident is None
 
 
+def test_a_shards_resident_maps_are_its_own_and_count_like_the_store(refs, tmp_path, tiny_ckpt):
+    """A Ray shard replica on a GPU holds only its references' maps (search.hold_maps_resident with its
+    ids), here on CPU: the same counts as reading them from the store; another shard's id is refused."""
+    from index_builder.search import hold_maps_resident
+
+    build(refs, tmp_path / "index", tiny_ckpt)
+    version = IndexVersion.open_current(tmp_path / "index")
+    own = np.array([6, 1, 3], dtype=np.int64)  # a shard's ids, in its own order
+    query = torch.from_numpy(version.read_local([0])[0])
+    stored = mnn_scores(query, version.candidate_maps([3, 6, 1]), "float32")
+    # the serving policy: never on a CPU, never beyond the budget
+    assert not hold_maps_resident(version, torch.device("cpu"), 2**40, own)
+    assert version.resident is None
+    version.make_resident(torch.device("cpu"), own)
+    assert version.resident.values.shape[0] == 3
+    assert version.stored_local_bytes(3) == version.resident.values.nbytes + version.resident.scales.nbytes
+    resident = version.candidate_maps([3, 6, 1])
+    assert type(resident).__name__ == "ResidentCandidates"
+    assert mnn_scores(query, resident, "float32").tolist() == stored.tolist()
+    with pytest.raises(KeyError):
+        version.candidate_maps([2])
+    version.close()
+
+
+def test_a_reader_of_some_images_reads_only_their_part_of_the_id_map(refs, tmp_path, tiny_ckpt):
+    """IndexVersion only_ids (a Ray shard replica: its own references; the ingress and the encoder:
+    none): only those rows of the id map at opening, the others looked up when first read; the same
+    maps and records as a reader of the whole map."""
+    build(refs, tmp_path / "index", tiny_ckpt)
+    whole = IndexVersion.open_current(tmp_path / "index")
+    part = IndexVersion(whole.index_dir, whole.name, load_global=False, only_ids=np.array([5, 2]))
+    assert len(part) == len(whole) and part.records([0])[0] == whole.records([0])[0]
+    assert sorted(np.nonzero(part.id_segment >= 0)[0].tolist()) == [2, 5]
+    np.testing.assert_array_equal(part.read_local([2, 5]), whole.read_local([2, 5]))
+    none = IndexVersion(whole.index_dir, whole.name, load_global=False, only_ids=np.zeros(0, np.int64))
+    assert len(none) == len(whole) and none.segment_names == []
+    everything = list(range(len(whole)))
+    for reader in (part, none):  # looked up on first read, files opened then
+        np.testing.assert_array_equal(reader.read_local(everything[::-1]), whole.read_local(everything[::-1]))
+        assert sorted(reader.segment_names) == sorted(whole.segment_names)
+    for version in (whole, part, none):
+        version.close()
+
+
 def test_localize_refuses_another_model(refs, tmp_path, tiny_ckpt):
     build(refs, tmp_path / "index", tiny_ckpt)
     other = tiny_checkpoint(tmp_path / "other", seed=13)

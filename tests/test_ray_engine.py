@@ -18,6 +18,7 @@ from app.main import create_app
 from app.settings import Settings
 from index_builder.search import Localizer
 from index_builder.store import IndexVersion, current_version_name
+from tests.helpers import mirrored_jpeg
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,11 @@ class Faulty:
 FOREVER = 10**6
 
 
-def _deploy(serve, index_dir, version, shards, faults=None, settings=None):
-    """The encoder and each shard's deployment in local testing mode, and the ingress app over them."""
+def _deploy(serve, index_dir, version, shards, faults=None, settings=None, rebuilder=False):
+    """The encoder and each shard's deployment in local testing mode (and the rebuilder's when asked),
+    and the ingress app over them."""
     from app.ray_engine.deployments import Encoder, ShardServer
+    from app.ray_engine.rebuilds import Rebuilder
     from app.ray_engine.service import RayVPRService
 
     faults = faults or {}
@@ -104,7 +107,11 @@ def _deploy(serve, index_dir, version, shards, faults=None, settings=None):
     encoder = serve.run(
         Encoder.options(name="encoder").bind(settings, version), name="test-encoder", _local_testing_mode=True
     )
-    return create_app(settings, lambda s, m: RayVPRService(s, m, version, encoder, handles))
+    builds = None
+    if rebuilder:
+        bound = Rebuilder.options(name="rebuilder").bind(settings)
+        builds = serve.run(bound, name="test-rebuilder", _local_testing_mode=True)
+    return create_app(settings, lambda s, m: RayVPRService(s, m, version, encoder, handles, builds))
 
 
 def _post(client, path, **data):
@@ -116,14 +123,17 @@ def _comparable(payload: dict) -> dict:
     return {k: v for k, v in payload.items() if k != "timings_ms"}
 
 
-@pytest.mark.parametrize("shards", [2, 4])
-def test_ray_app_answers_as_the_single_process(serve, sharded_shared_indexes, shards):
+@pytest.mark.parametrize(("shards", "precision"), [(2, None), (4, None), (2, "int8+float32")])
+def test_ray_app_answers_as_the_single_process(serve, sharded_shared_indexes, shards, precision):
+    """int8+float32: the shards get the query map in int8 (with its scale) for the int8 pass and in
+    float32 for the recounts (model/matching/compact.py), and count exactly as one process does."""
     dirs, extractor, queries, _ = sharded_shared_indexes
     index_dir = dirs[shards]
     version = current_version_name(index_dir)
-    single = Localizer(IndexVersion.open_current(dirs[1]), extractor)
-    with TestClient(_deploy(serve, index_dir, version, shards)) as client:
-        for path in queries[::3]:
+    single = Localizer(IndexVersion.open_current(dirs[1]), extractor, precision)
+    settings = Settings(index_dir=index_dir, device="cpu", shard_timeout_s=30.0, precision=precision)
+    with TestClient(_deploy(serve, index_dir, version, shards, settings=settings)) as client:
+        for path in queries[:: 3 if precision is None else 6]:
             got = _post(client, path, top_k="5", rerank_k="20")
             assert got.status_code == 200, got.text
             expected = single.localize(path, path.name, 5, 20).model_dump(mode="json")
@@ -131,6 +141,13 @@ def test_ray_app_answers_as_the_single_process(serve, sharded_shared_indexes, sh
             assert _comparable(got.json()) == _comparable(expected), path.name
         ready = client.get("/readyz").json()
         assert ready["index_version"] == version and ready["shards_without_replica"] == []
+        # /localize/pairs: the ingress reads the reference's map, its id-map row looked up then
+        top = got.json()["matches"][0]
+        with open(path, "rb") as f:
+            files = {"image": (path.name, f, "image/jpeg")}
+            pairs = client.post("/localize/pairs", files=files, data={"reference_id": str(top["id"])})
+        assert pairs.status_code == 200, pairs.text
+        assert pairs.json()["mnn_matches"] == top["mnn_matches"]
 
 
 @pytest.mark.parametrize("behaviour", ["raise", "hang"])
@@ -181,14 +198,52 @@ def test_one_failed_call_is_retried_and_the_answer_is_complete(serve, sharded_sh
         )
 
 
-def test_rebuild_is_refused_and_the_api_key_still_guards_it(serve, sharded_shared_indexes):
-    dirs, *_ = sharded_shared_indexes
-    version = current_version_name(dirs[2])
-    settings = Settings(index_dir=dirs[2], device="cpu", api_key="s3cret", shard_timeout_s=1.0)
-    with TestClient(_deploy(serve, dirs[2], version, 2, settings=settings)) as client:
+def test_rebuild_adds_uploaded_references_and_the_shards_serve_them(serve, sharded_shared_indexes, tmp_path):
+    """POST /index/images then POST /index/rebuild (the API key guards both): the rebuilder builds the
+    next version, /index/status reports it, every shard rolls to it, the new photo is found."""
+    dirs, _, queries, _ = sharded_shared_indexes
+    refs, index_dir = tmp_path / "refs", tmp_path / "index"
+    shutil.copytree(queries[0].parents[3], refs)
+    shutil.copytree(dirs[2], index_dir)
+    before = current_version_name(index_dir)
+    settings = Settings(
+        index_dir=index_dir, references=refs, device="cpu", api_key="s3cret", shard_timeout_s=1.0
+    )
+    new_photo = mirrored_jpeg(queries[5])
+    key = {"X-API-Key": "s3cret"}
+    with TestClient(_deploy(serve, index_dir, before, 2, settings=settings, rebuilder=True)) as client:
         assert client.post("/index/rebuild").status_code == 401
-        refused = client.post("/index/rebuild", headers={"X-API-Key": "s3cret"})
-        assert refused.status_code == 501 and "selavpr index build" in refused.json()["error"]["message"]
+        files = {"image": ("mirrored.jpg", new_photo, "image/jpeg")}
+        stored = client.post(
+            "/index/images", files=files, data={"lat": "35.68", "lon": "139.76"}, headers=key
+        )
+        assert stored.status_code == 201, stored.text
+        started = client.post("/index/rebuild", headers=key)
+        assert started.status_code == 202 and started.json()["state"] == "running"
+        again = client.post("/index/rebuild", headers=key).json()
+        assert again["state"] in ("queued", "running")
+        status = _wait_for(client, lambda s: s["state"] == "idle" and s["last_report"], 120)
+        published = status["last_report"]["version"]
+        assert published != before and status["last_error"] is None
+        _wait_for(client, lambda s: s["index_version"] == current_version_name(index_dir), 30)
+        found = client.post(
+            "/localize", files={"image": ("q.jpg", new_photo, "image/jpeg")}, data={"top_k": "3"}
+        )
+        body = found.json()
+        assert found.status_code == 200 and body["partial"] is False
+        assert body["index_version"] == current_version_name(index_dir)
+        assert body["matches"][0]["name"] == "mirrored.jpg"
+        assert client.get("/index/status").json()["num_images"] == 33
+
+
+def _wait_for(client, done, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.get("/index/status").json()
+        if done(status):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
 
 
 def test_engine_ray_without_ray_says_how_to_install_it(monkeypatch, capsys, tmp_path):

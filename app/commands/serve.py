@@ -52,13 +52,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         "local: this process; ray: Ray Serve deployments (one per location shard)",
         "a running cluster (auto, host:6379); else start one",
     )
-    ray.add_argument("--shard-replicas", type=positive_int, default=1)
+    ray.add_argument("--shard-replicas", type=positive_int, default=1, help="replicas of each shard")
     ray.add_argument("--encoder-replicas", type=positive_int, default=1)
     ray.add_argument("--ingress-replicas", type=positive_int, default=1)
     ray.add_argument(
-        "--replica-num-cpus", type=float, default=1.0, help="CPUs each replica reserves (0 on small machines)"
+        "--replica-num-cpus",
+        type=non_negative_float,
+        default=None,
+        help="CPUs each replica reserves (ingress, encoder, rebuilder, every shard's). Default: on a "
+        "cluster started here, its CPUs shared equally among the replicas (at most 1 each, e.g. 0.4 "
+        "for 5 replicas on 2 CPUs); on a cluster joined (--ray-address), 1. Explicit requests are "
+        "kept; a cluster started here that cannot hold them is refused at once",
     )
-    ray.add_argument("--encoder-num-gpus", type=float, default=0.0, help="GPUs (or a share) per encoder")
+    ray.add_argument(
+        "--encoder-num-gpus", type=non_negative_float, default=0.0, help="GPUs (or a share) per encoder"
+    )
+    ray.add_argument(
+        "--shard-num-gpus",
+        type=non_negative_float,
+        default=0.0,
+        help="GPUs (or a share) per shard replica: it keeps its maps in the GPU's memory (up to "
+        "--resident-maps-bytes) and re-ranks there, as the single process does on a GPU",
+    )
+    ray.add_argument(
+        "--ready-timeout-s",
+        type=float,
+        default=300.0,
+        help="exit with an error when the deployments are not all running by then (default: %(default)s)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -109,8 +130,8 @@ def run_on_ray(args: argparse.Namespace) -> int:
         require_ray()
     except RuntimeError as exc:
         raise ValueError(str(exc)) from None  # one line, exit 2 (app.cli)
-    from app.ray_engine.deployments import RayEngineConfig
     from app.ray_engine.launch import ClusterConfig, serve_until_stopped
+    from app.ray_engine.placement import RayEngineConfig
 
     settings = settings_from(args)
     check_exposure(settings)
@@ -120,6 +141,16 @@ def run_on_ray(args: argparse.Namespace) -> int:
         ingress_replicas=args.ingress_replicas,
         replica_num_cpus=args.replica_num_cpus,
         encoder_num_gpus=args.encoder_num_gpus,
+        shard_num_gpus=args.shard_num_gpus,
     )
-    cluster = ClusterConfig(address=args.ray_address, num_cpus=args.ray_num_cpus)
+    cluster = ClusterConfig(
+        address=args.ray_address, num_cpus=args.ray_num_cpus, ready_timeout_s=args.ready_timeout_s
+    )
     return serve_until_stopped(settings, engine, cluster)
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value

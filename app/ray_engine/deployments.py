@@ -2,6 +2,7 @@
 
     ingress (the FastAPI app of app/main.py)  --encode-->  encoder (batched model forward)
                                               --top/counts-->  shard-00 ... shard-NN (one per location shard)
+                                              --request/state-->  rebuilder (POST /index/rebuild's builds)
 
 Each location shard is its own deployment (`shard-00`, ...): Serve balances a deployment's requests over
 interchangeable replicas, and a shard's requests must reach a replica holding that shard. Every
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,32 +23,29 @@ import torch
 from ray import serve
 
 from app.main import create_app
+from app.ray_engine.placement import REBUILDER, RayEngineConfig, shard_device
+from app.ray_engine.rebuilds import Rebuilder
 from app.ray_engine.remote_search import ShardReply
 from app.ray_engine.service import RayVPRService
 from app.service import served_extractor
 from app.settings import Settings
-from index_builder.search import check_compatible
+from index_builder.manifest import IndexManifest
+from index_builder.search import check_compatible, hold_maps_resident
 from index_builder.shard_search import ShardSearcher
 from index_builder.sharding import shard_key
-from index_builder.store import IndexVersion, current_version_name
-from index_builder.store.versions import NO_INDEX_HINT
+from index_builder.store import IndexStoreError, IndexVersion, current_version_name
+from index_builder.store.location_shards import ids_file
+from index_builder.store.versions import NO_INDEX_HINT, VERSIONS
+from model.matching.compact import CompactQuery, check_precision
 from model.matching.precision import Precision
 
 log = logging.getLogger(__name__)
 KEEP_VERSIONS = 2  # a shard keeps the previous version open for the queries still using it
 # Queries from several ingress replicas arrive one by one: wait this long to batch them together.
 ENCODER_MIN_WAIT_S = 0.005
+NO_MAPS = np.zeros(0, dtype=np.int64)  # a reader of a version's identity only (IndexVersion only_ids)
 
-
-@dataclass(frozen=True)
-class RayEngineConfig:
-    """How the deployments are placed (the cluster decides where)."""
-
-    shard_replicas: int = 1
-    encoder_replicas: int = 1
-    ingress_replicas: int = 1
-    replica_num_cpus: float = 1.0  # 0 on a small test cluster: every replica would reserve a core
-    encoder_num_gpus: float = 0.0
+__all__ = ["RayEngineConfig", "application_builder", "build_application"]
 
 
 @serve.deployment
@@ -56,7 +54,7 @@ class Encoder:
 
     def __init__(self, settings: Settings, version: str) -> None:
         self.extractor = served_extractor(settings)
-        index = IndexVersion(settings.index_dir, version, load_global=False)
+        index = IndexVersion(settings.index_dir, version, load_global=False, only_ids=NO_MAPS)
         check_compatible(index, self.extractor)  # refuse to start rather than answer wrongly
         index.close()
         # Batched per replica (not with a class decorator): the batch size is the service's setting, and
@@ -83,9 +81,21 @@ class ShardServer:
     published, queries already under way on the previous one still finish; a version not yet open is
     opened on its first call."""
 
-    def __init__(self, index_dir: str, version: str, position: int, precision: str | None) -> None:
+    def __init__(
+        self,
+        index_dir: str,
+        version: str,
+        position: int,
+        precision: str | None,
+        device: str = "cpu",
+        resident_max_bytes: int = 0,
+    ) -> None:
+        """device "cuda" (a replica given a GPU, --shard-num-gpus): its maps are held in the GPU's memory
+        when they take at most resident_max_bytes, and counted there, with the single-process server's
+        code (search.hold_maps_resident)."""
         del precision  # the router picks the precision of each counting call (shard_search.rerank_counts)
         self.index_dir, self.position = Path(index_dir), position
+        self.device, self.resident_max_bytes = _shard_device(device), resident_max_bytes
         self.searchers: dict[str, ShardSearcher] = {}
         self._opening = threading.Lock()
         self.load(version)
@@ -94,8 +104,20 @@ class ShardServer:
         """Open a version's part of this shard (if not open yet); returns the versions open."""
         with self._opening:
             if version not in self.searchers:
-                self.searchers[version] = _open_shard(self.index_dir, version, self.position)
-                log.info("%s opened %s", shard_key(self.position), version)
+                started = time.perf_counter()
+                searcher = _open_shard(self.index_dir, version, self.position)
+                held = hold_maps_resident(
+                    searcher.version, self.device, self.resident_max_bytes, searcher.ids
+                )
+                self.searchers[version] = searcher
+                log.info(
+                    "%s opened %s in %.1f s (%d references, maps %s)",
+                    shard_key(self.position),
+                    version,
+                    time.perf_counter() - started,
+                    len(searcher),
+                    f"resident on {self.device}" if held else "read per query",
+                )
                 for old in list(self.searchers)[:-KEEP_VERSIONS]:
                     del self.searchers[old]  # closed when the last query holding it ends
             return list(self.searchers)
@@ -111,8 +133,11 @@ class ShardServer:
         tops = self._searcher(version).top(global_desc, k)
         return ShardReply(version, [(c.scores, c.ids) for c in tops])
 
-    def counts(self, query_local: np.ndarray, ids: np.ndarray, mode: str, version: str) -> ShardReply:
-        counts = self._searcher(version).counts(torch.from_numpy(query_local), ids.tolist(), Precision(mode))
+    def counts(self, query: CompactQuery, ids: np.ndarray, mode: str, version: str) -> ShardReply:
+        """MNN counts of these candidates against the query map, sent in the precision counted in."""
+        precision = Precision(mode)
+        check_precision(query, precision)
+        counts = self._searcher(version).counts(query.tensor(self.device), ids.tolist(), precision)
         return ShardReply(version, counts.numpy())
 
     def ping(self) -> int:
@@ -125,25 +150,50 @@ class ShardServer:
 class Ingress:
     """The HTTP API: the FastAPI app of the single-process service over RayVPRService."""
 
-    def __init__(self, settings: Settings, version: str, encoder, shards: list) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        version: str,
+        encoder,
+        shards: list,
+        rebuilder=None,
+        shard_device: str = "cpu",
+    ) -> None:
         self.settings, self.version, self.encoder, self.shards = settings, version, encoder, shards
+        self.rebuilder, self.shard_device = rebuilder, shard_device
 
     def __serve_build_asgi_app__(self):
-        return create_app(
-            self.settings, lambda s, m: RayVPRService(s, m, self.version, self.encoder, self.shards)
-        )
+        def service(s: Settings, m) -> RayVPRService:
+            return RayVPRService(
+                s, m, self.version, self.encoder, self.shards, self.rebuilder, self.shard_device
+            )
+
+        return create_app(self.settings, service)
+
+
+def _shard_device(device: str) -> torch.device:
+    """The replica's device; a GPU asked for and not visible is an error (the deployment fails to start
+    and `serve` says why), not a silent CPU."""
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("this shard replica was given a GPU (--shard-num-gpus) but sees none")
+    return resolved
 
 
 def _open_shard(index_dir: Path, version: str, position: int) -> ShardSearcher:
-    index = IndexVersion(index_dir, version, load_global=False)
-    shards = len(index.manifest.location_shards)
-    if shards:
-        if position >= shards:
-            index.close()
-            raise ValueError(f"{version} has {shards} location shards, not {shard_key(position)}")
-        return ShardSearcher.open(index, position)
-    index.close()  # unsharded: the whole index is this one shard, with the version's global index
-    return ShardSearcher.whole(IndexVersion(index_dir, version))
+    """A version's part of one location shard: its global index and ids, and of the id map and the
+    segment files only what its own references need (IndexVersion only_ids)."""
+    version_dir = index_dir / VERSIONS / version
+    shards = IndexManifest.read(version_dir).location_shards
+    if not shards:  # unsharded: the whole index is this one shard, with the version's global index
+        return ShardSearcher.whole(IndexVersion(index_dir, version))
+    if position >= len(shards):
+        raise ValueError(f"{version} has {len(shards)} location shards, not {shard_key(position)}")
+    try:
+        own = np.load(version_dir / ids_file(shards[position].key), allow_pickle=False)
+    except (OSError, ValueError):
+        raise IndexStoreError(f"{version}: location shard {shard_key(position)} is damaged") from None
+    return ShardSearcher.open(IndexVersion(index_dir, version, load_global=False, only_ids=own), position)
 
 
 def published_version(index_dir: Path) -> tuple[str, int]:
@@ -158,23 +208,29 @@ def published_version(index_dir: Path) -> tuple[str, int]:
         version.close()
 
 
-def build_application(settings: Settings, engine: RayEngineConfig = RayEngineConfig()):
-    """The bound application for the published version of settings.index_dir."""
+def build_application(settings: Settings, engine: RayEngineConfig | None = None):
+    """The bound application for the published version of settings.index_dir (replica_num_cpus None:
+    1, as on a cluster joined; `serve` decides it for a cluster it starts, app/ray_engine/launch.py)."""
+    engine = engine or RayEngineConfig()
     version, shard_count = published_version(settings.index_dir)
-    cpus = {"num_cpus": engine.replica_num_cpus}
+    cpus = {"num_cpus": 1.0 if engine.replica_num_cpus is None else engine.replica_num_cpus}
     encoder = Encoder.options(
         name="encoder",
         num_replicas=engine.encoder_replicas,
         ray_actor_options={**cpus, "num_gpus": engine.encoder_num_gpus},
     ).bind(settings, version)
+    device = shard_device(engine)
     shards = [
         ShardServer.options(
-            name=shard_key(k), num_replicas=engine.shard_replicas, ray_actor_options=cpus
-        ).bind(str(settings.index_dir), version, k, settings.precision)
+            name=shard_key(k),
+            num_replicas=engine.shard_replicas,
+            ray_actor_options={**cpus, "num_gpus": engine.shard_num_gpus},
+        ).bind(str(settings.index_dir), version, k, settings.precision, device, settings.resident_maps_bytes)
         for k in range(shard_count)
     ]
+    rebuilder = Rebuilder.options(name=REBUILDER, num_replicas=1, ray_actor_options=cpus).bind(settings)
     return Ingress.options(name="ingress", num_replicas=engine.ingress_replicas, ray_actor_options=cpus).bind(
-        settings, version, encoder, shards
+        settings, version, encoder, shards, rebuilder, device
     )
 
 

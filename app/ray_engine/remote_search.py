@@ -28,6 +28,7 @@ from index_builder.search import answer
 from index_builder.shard_search import Candidates, merge, rerank_counts, shards_to_search
 from index_builder.sharding import LocationPrior, shard_key
 from index_builder.store import IndexVersion
+from model.matching.compact import CompactQuery, compact_query
 from model.matching.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -154,13 +155,17 @@ class RemoteLocalizer:
         return results
 
     def _count_remotely(self, query_local: np.ndarray):
+        """The count function of shard_search.rerank_counts over the shards: the query map travels in the
+        precision of each counting call (model/matching/compact.py), made once per precision."""
+        h, w, _ = self.index.identity.local_shape
+        compacted: dict[Precision, CompactQuery] = {}
+
         def count(ids_by_shard: Mapping[int, np.ndarray], mode: Precision) -> dict[int, torch.Tensor]:
+            if mode not in compacted:
+                compacted[mode] = compact_query(torch.from_numpy(query_local), mode, h * w)
+            query = compacted[mode]
             calls = {
-                k: (
-                    lambda k=k, ids=ids: self.shards[k].counts.remote(
-                        query_local, ids, str(mode), self.index.name
-                    )
-                )
+                k: (lambda k=k, ids=ids: self.shards[k].counts.remote(query, ids, str(mode), self.index.name))
                 for k, ids in ids_by_shard.items()
             }
             answers, _ = self._call_all("counts", calls)

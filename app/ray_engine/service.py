@@ -3,9 +3,10 @@ forward and the search done by other deployments (remote_search.RemoteLocalizer)
 
 The ingress keeps a model for what is cheap or per-request (decoding and preprocessing uploads, the
 match pairs of /localize/pairs) and the index's metadata (references, names, locations); the encoder
-deployment runs the forward of /localize, the shard deployments search. Rebuilding is not offered here:
-`selavpr index build` on the shared index folder publishes a version, which is then served without a
-restart (same model and number of shards; otherwise deploy again).
+deployment runs the forward of /localize, the shard deployments search, the rebuilder deployment runs
+POST /index/rebuild's builds (app/ray_engine/rebuilds.py). A version published by it (or by
+`selavpr index build` on the shared index folder) is served without a restart once every shard has
+opened it (same model and number of shards; otherwise deploy again).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import logging
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from app.errors import ServiceUnavailable
 from app.metrics import Metrics
 from app.ray_engine.remote_search import CallPolicy, RemoteLocalizer
+from app.rebuild import RebuildState
 from app.service import LocalizeJob, VPRService, served_extractor
 from app.settings import Settings
 from index_builder.errors import CheckpointMismatch
@@ -30,18 +34,64 @@ from model.matching.defaults import resolve_precision
 
 log = logging.getLogger(__name__)
 HEALTH_PERIOD_S = 2.0
-REBUILD_ELSEWHERE = (
-    "rebuilding is not served with --engine ray: run `selavpr index build` on the index folder; "
-    "the new version is served when published"
+NO_MAPS = np.zeros(0, dtype=np.int64)  # the ingress reads no id-map rows at opening (IndexVersion only_ids)
+REBUILDER_TIMEOUT_S = 10.0  # a request or a state read of the rebuilder (it answers from memory)
+NO_REBUILDER = (
+    "rebuilding is not served by this deployment (no rebuilder): run `selavpr index build` on the index "
+    "folder; the new version is served when published"
 )
 
 
-class RayVPRService(VPRService):
-    rebuilds_disabled = REBUILD_ELSEWHERE
+class RemoteRebuilds:
+    """What the routers use of RebuildManager (request, status, wait), answered by the rebuilder
+    deployment. Blocking calls: the routers make them from the thread pool."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, version: str, encoder, shards: Sequence) -> None:
+    def __init__(self, handle, timeout_s: float = REBUILDER_TIMEOUT_S) -> None:
+        self.handle, self.timeout_s = handle, timeout_s
+        self._last = RebuildState()  # for callers on the event loop (readiness), which must not block
+
+    def request(self) -> tuple[str, str]:
+        return tuple(self._call(self.handle.request.remote()))
+
+    @property
+    def status(self) -> RebuildState:
+        if _on_event_loop():
+            return self._last
+        self._last = self._call(self.handle.state.remote())
+        return self._last
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Builds run in the rebuilder's process; nothing to wait for here."""
+
+    def _call(self, response):
+        try:
+            return response.result(timeout_s=self.timeout_s)
+        except Exception as exc:  # a dead or busy rebuilder replica: say so, do not hang the request
+            response.cancel()
+            log.warning("the rebuilder did not answer: %s", type(exc).__name__)
+            raise ServiceUnavailable("the rebuilder did not answer; retry later", retry_after_s=5) from None
+
+
+class RayVPRService(VPRService):
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        version: str,
+        encoder,
+        shards: Sequence,
+        rebuilder=None,
+        shard_device: str = "cpu",
+    ) -> None:
+        """shard_device: where the shard replicas count ("cuda" with --shard-num-gpus); the precision of
+        the counts is that device's default, as in the single process on it."""
         super().__init__(settings, metrics)
+        self.shard_device = torch.device(shard_device)
         self.version_name, self.encoder, self.shard_handles = version, encoder, list(shards)
+        if rebuilder is None:
+            self.rebuilds_disabled = NO_REBUILDER
+        else:
+            self.rebuilds = RemoteRebuilds(rebuilder)
         self.shards_down: list[str] = []  # shards whose replicas did not answer the last health check
         self._refused: str | None = None  # a published version that cannot be served here
         self._health: asyncio.Task | None = None
@@ -69,7 +119,8 @@ class RayVPRService(VPRService):
             self.index_problem = str(exc)
 
     def _localizer_for(self, name: str) -> RemoteLocalizer:
-        version = IndexVersion(self.settings.index_dir, name, load_global=False)
+        # metadata only: /localize/pairs reads one reference's map, its row looked up then
+        version = IndexVersion(self.settings.index_dir, name, load_global=False, only_ids=NO_MAPS)
         try:
             check_compatible(version, self.extractor)
             shards = max(1, len(version.manifest.location_shards))
@@ -81,7 +132,7 @@ class RayVPRService(VPRService):
         except Exception:
             version.close()
             raise
-        mode = resolve_precision(self.settings.precision, torch.device("cpu"), version.identity.local_shape)
+        mode = resolve_precision(self.settings.precision, self.shard_device, version.identity.local_shape)
         policy = CallPolicy(timeout_s=self.settings.shard_timeout_s)
         return RemoteLocalizer(version, self.encoder, self.shard_handles, mode, self.metrics, policy)
 
@@ -140,8 +191,10 @@ class RayVPRService(VPRService):
     async def _call(self, response) -> bool:
         """Whether a call answered within the deadline (twice the shard deadline: opening a version
         reads its files)."""
+        call = asyncio.ensure_future(_awaitable(response))
+        call.add_done_callback(_retrieved)  # a call cancelled after its deadline fails unseen: no log noise
         try:
-            await asyncio.wait_for(asyncio.shield(_awaitable(response)), 2 * self.settings.shard_timeout_s)
+            await asyncio.wait_for(asyncio.shield(call), 2 * self.settings.shard_timeout_s)
         except Exception:
             response.cancel()
             return False
@@ -165,3 +218,16 @@ class RayVPRService(VPRService):
 
 async def _awaitable(response):
     return await response
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -113,7 +113,8 @@ async def upload_images(
         for (data, suffix), location, name in zip(payloads, locations, names, strict=True)
     ]
     stored = await run_in_threadpool(_store, settings, batch, service)  # all or nothing
-    return {"stored": stored, "rebuild": _job(service) if rebuild else None}
+    # in the pool: the Ray engine's rebuilder answers over a blocking call
+    return {"stored": stored, "rebuild": await run_in_threadpool(_job, service) if rebuild else None}
 
 
 def _store(settings: Settings, batch: list, service: VPRService) -> list[dict]:

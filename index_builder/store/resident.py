@@ -24,27 +24,43 @@ ReadStored = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
 class ResidentMaps:
-    """Every stored local array of a version on `device`, in image-id order."""
+    """The stored local arrays of some images of a version (all of them, or a location shard's) on
+    `device`, in ascending id order."""
 
     def __init__(
-        self, read_stored: ReadStored, count: int, map_shape: tuple[int, int, int], device: torch.device
+        self, read_stored: ReadStored, ids: np.ndarray, map_shape: tuple[int, int, int], device: torch.device
     ) -> None:
         self.device, self.map_shape = device, map_shape
-        values, scales = read_stored(np.arange(min(count, 1)))
+        self.ids = np.sort(np.asarray(ids, dtype=np.int64))
+        # a whole version holds ids 0..n-1, so an id is its own row: no lookup
+        self._whole = bool(len(self.ids) == 0 or self.ids[-1] == len(self.ids) - 1)
+        count = len(self.ids)
+        values, scales = read_stored(self.ids[: min(count, 1)])
         self.values = torch.empty((count, *map_shape), dtype=torch.from_numpy(values).dtype, device=device)
         self.scales = None
         if scales is not None:
             dtype = torch.from_numpy(scales).dtype
             self.scales = torch.empty((count, *map_shape[:2]), dtype=dtype, device=device)
         for start in range(0, count, READ_CHUNK):
-            ids = np.arange(start, min(count, start + READ_CHUNK))
-            values, scales = read_stored(ids)
-            self.values[start : start + len(ids)] = torch.from_numpy(values).to(device)
+            chunk = self.ids[start : start + READ_CHUNK]
+            values, scales = read_stored(chunk)
+            self.values[start : start + len(chunk)] = torch.from_numpy(values).to(device)
             if self.scales is not None:
-                self.scales[start : start + len(ids)] = torch.from_numpy(scales).to(device)
+                self.scales[start : start + len(chunk)] = torch.from_numpy(scales).to(device)
+
+    def rows(self, ids: Sequence[int]) -> np.ndarray:
+        """Where these ids' arrays are (KeyError for an id not held)."""
+        wanted = np.asarray(list(ids), dtype=np.int64)
+        if self._whole:
+            return wanted
+        rows = np.searchsorted(self.ids, wanted)
+        if len(wanted) and (rows.max() >= len(self.ids) or not np.array_equal(self.ids[rows], wanted)):
+            raise KeyError("an id whose maps are not resident here")
+        return rows
 
     def candidates(self, ids: Sequence[int]) -> ResidentCandidates:
-        return ResidentCandidates(self, torch.as_tensor(list(ids), dtype=torch.long, device=self.device))
+        rows = torch.as_tensor(self.rows(ids), dtype=torch.long, device=self.device)
+        return ResidentCandidates(self, rows)
 
 
 class ResidentCandidates:

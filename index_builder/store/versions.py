@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -125,9 +126,15 @@ def point_current(index_dir: Path, name: str) -> None:
 class IndexVersion:
     """One published version, opened for searching. It stays usable while newer versions appear."""
 
-    def __init__(self, index_dir: Path, name: str, load_global: bool = True) -> None:
+    def __init__(
+        self, index_dir: Path, name: str, load_global: bool = True, only_ids: np.ndarray | None = None
+    ) -> None:
         """load_global=False leaves the version-wide global index unread (None): a location shard's
-        server reads only its own, and a Ray router none."""
+        server reads only its own, and a Ray router none. only_ids: the images whose local maps this
+        reader expects to read (a location shard's server: its own; the Ray ingress: none, an empty
+        array); only their rows of the id map are read at opening, and only the segment files they are
+        in are opened; another image's row (and file) is looked up when it is first read. Default: all,
+        at opening."""
         self.index_dir, self.name = index_dir, name
         self.dir = index_dir / VERSIONS / name
         self.manifest = IndexManifest.read(self.dir)
@@ -139,19 +146,21 @@ class IndexVersion:
                 else None
             )
             self.db = open_metadata(self.dir / METADATA_FILE)
-            column = segment_column(self.db)
-            locations = self.db.execute(f"SELECT {column} AS segment, row FROM images ORDER BY id").fetchall()
-            self.segment_names = sorted({r["segment"] for r in locations})
+            count, ids, locations = _read_locations(self.db, only_ids)
+            self.segment_names = sorted({segment for segment, _ in locations})
             segments = [SegmentFiles(segment_dir(index_dir, s)) for s in self.segment_names]
         except (RuntimeError, sqlite3.Error, OSError, ValueError) as exc:  # faiss raises RuntimeError
             raise IndexStoreError(
                 f"version {name} is damaged ({type(exc).__name__}); rebuild the index"
             ) from None
-        segment_index = {s: i for i, s in enumerate(self.segment_names)}
-        # id -> (segment, row): 8 bytes per image, all a search needs to find an image's local features
-        self.id_segment = np.array([segment_index[r["segment"]] for r in locations], dtype=np.int32)
-        self.id_row = np.array([r["row"] for r in locations], dtype=np.int32)
+        # id -> (segment, row): 8 bytes per image, all a search needs to find an image's local features;
+        # -1 for an image not looked up yet (only_ids)
+        self.id_segment = np.full(count, -1, dtype=np.int32)
+        self.id_row = np.full(count, -1, dtype=np.int32)
         self.segments = segments
+        self._segment_index = {s: i for i, s in enumerate(self.segment_names)}
+        self._place(ids, locations)
+        self._looking_up = threading.Lock()
         self.resident: ResidentMaps | None = None  # make_resident: the local maps in a GPU's memory
         self.calibration: Calibration | None
         self.calibration, self.calibration_note = served_calibration(
@@ -207,13 +216,15 @@ class IndexVersion:
             return self.resident.candidates(ids)
         return StoredMaps(self, [int(i) for i in ids], device)
 
-    def make_resident(self, device: torch.device) -> None:
-        """Copy every stored local array to `device` (see resident.py); torch.OutOfMemoryError if it
-        does not fit, the version then reading from the store as before."""
-        self.resident = ResidentMaps(self.read_stored, len(self), self.identity.local_shape, device)
+    def make_resident(self, device: torch.device, ids: np.ndarray | None = None) -> None:
+        """Copy the stored local arrays of these images (default: all; a location shard's server: its
+        own) to `device` (see resident.py); torch.OutOfMemoryError if they do not fit, the version then
+        reading from the store as before."""
+        held = np.arange(len(self), dtype=np.int64) if ids is None else ids
+        self.resident = ResidentMaps(self.read_stored, held, self.identity.local_shape, device)
 
-    def stored_local_bytes(self) -> int:
-        """Bytes of the stored local arrays (values and scales) of all images."""
+    def stored_local_bytes(self, count: int | None = None) -> int:
+        """Bytes of the stored local arrays (values and scales) of all images, or of `count` of them."""
         if not self.segments:
             return 0
         h, w, channels = self.identity.local_shape
@@ -221,11 +232,13 @@ class IndexVersion:
         per_image = h * w * channels * segment.local.dtype.itemsize
         if segment.scale is not None:
             per_image += h * w * segment.scale.dtype.itemsize
-        return per_image * len(self)
+        return per_image * (len(self) if count is None else count)
 
     def read_stored(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray | None]:
         """The stored local arrays of these images (values, scales or None), in the given order."""
         ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and (self.id_segment[ids] < 0).any():
+            self._look_up(ids)
         first = self.segments[0] if self.segments else None
         values = np.empty(
             (len(ids), *self.identity.local_shape), dtype=first.local.dtype if first else np.float32
@@ -241,6 +254,26 @@ class IndexVersion:
                 scales[where] = s
         return values, scales
 
+    def _place(self, ids: np.ndarray, locations: list[tuple[str, int]]) -> None:
+        """Fill the id map for these ids, opening the segment files not open yet."""
+        for segment, _ in locations:
+            if segment not in self._segment_index:
+                self.segments.append(SegmentFiles(segment_dir(self.index_dir, segment)))
+                self.segment_names.append(segment)
+                self._segment_index[segment] = len(self.segments) - 1
+        self.id_row[ids] = [row for _, row in locations]
+        self.id_segment[ids] = [self._segment_index[segment] for segment, _ in locations]
+
+    def _look_up(self, ids: np.ndarray) -> None:
+        """Rows of the id map not read at opening (only_ids), read now from meta.sqlite."""
+        with self._looking_up:
+            missing = np.unique(ids[self.id_segment[ids] < 0])
+            if len(missing):
+                try:
+                    self._place(missing, _locations_of(self.db, missing))
+                except (sqlite3.Error, OSError, ValueError) as exc:
+                    raise IndexStoreError(f"version {self.name} is damaged ({type(exc).__name__})") from None
+
     def read_local(self, ids: Sequence[int]) -> np.ndarray:
         """Local maps of these images, float32 (k, h, w, C), in the given order."""
         return decode_local(*self.read_stored(ids))
@@ -248,6 +281,39 @@ class IndexVersion:
     def close(self) -> None:
         self.resident = None  # device memory goes back now, not when the object is collected
         self._finalizer()
+
+
+# ids per query when reading part of the id map (below SQLite's limit on bound parameters)
+ID_CHUNK = 10_000
+
+
+def _read_locations(
+    db: sqlite3.Connection, only_ids: np.ndarray | None
+) -> tuple[int, np.ndarray, list[tuple[str, int]]]:
+    """(images in the version, ids read, their (segment, row)): all ids in order, or only_ids' rows
+    looked up by id (a shard of 250,000 in a 1 M index: its own rows, not the whole table)."""
+    if only_ids is None:
+        column = segment_column(db)
+        rows = db.execute(f"SELECT {column} AS segment, row FROM images ORDER BY id").fetchall()
+        return len(rows), np.arange(len(rows)), [(r["segment"], r["row"]) for r in rows]
+    largest = db.execute("SELECT MAX(id) FROM images").fetchone()[0]
+    count = 0 if largest is None else largest + 1  # ids are 0..n-1
+    ids = np.unique(np.asarray(only_ids, dtype=np.int64))
+    return count, ids, _locations_of(db, ids)
+
+
+def _locations_of(db: sqlite3.Connection, ids: np.ndarray) -> list[tuple[str, int]]:
+    """(segment, row) of each of these ids, in their order."""
+    column = segment_column(db)
+    found: dict[int, tuple[str, int]] = {}
+    for start in range(0, len(ids), ID_CHUNK):
+        chunk = ids[start : start + ID_CHUNK].tolist()
+        marks = ", ".join("?" * len(chunk))
+        query = f"SELECT id, {column} AS segment, row FROM images WHERE id IN ({marks})"
+        found.update((r["id"], (r["segment"], r["row"])) for r in db.execute(query, chunk))
+    if len(found) != len(set(ids.tolist())):
+        raise ValueError("ids missing from the version's metadata")
+    return [found[i] for i in ids.tolist()]
 
 
 def _close_version(segments: list[SegmentFiles], db: sqlite3.Connection) -> None:

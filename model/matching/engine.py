@@ -135,5 +135,7 @@ def tile_shape(k: int, l_c: int, l_q: int, tile_elements: int) -> tuple[int, int
 
 def _prepare(maps: torch.Tensor, precision: Precision, bits: int) -> torch.Tensor:
     if precision is Precision.INT8:
+        if maps.dtype == torch.int8:  # quantized already by quantize_int8 (a compact query, query_maps.py)
+            return maps.contiguous()
         return quantize_int8(maps, bits)
     return maps.to(FLOAT_DTYPES[precision]).contiguous()
