@@ -49,7 +49,7 @@ test: install-dev
 docs: install-dev
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
-# Debian's Chromium for the browser tests (tests/browser); Playwright's own browser download does not
+# Debian's Chromium for the browser tests (tests/e2e/browser); Playwright's own browser download does not
 # work on these machines. CI runs this before `make test`; locally the browser tests skip without it.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
@@ -58,15 +58,15 @@ browser:
 	@chromium --version
 
 # The ARM kernels (model/matching/_mnn_arm.c) against a scalar reference under qemu-user, with Debian's
-# AArch64 cross compiler: CI runs this before `make test`; locally tests/test_native_arm.py skips without it.
+# AArch64 cross compiler: CI runs this before `make test`; locally tests/model/test_native_arm.py skips without it.
 arm-check:
 	@command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 && command -v qemu-aarch64 >/dev/null 2>&1 || { \
 		$(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y \
 		--no-install-recommends gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user; }
-	tests/native/arm_check.sh
+	tests/model/native/arm_check.sh
 
 test-browser: install-dev browser
-	CI=true $(BIN)/python -m pytest -q tests/browser
+	CI=true $(BIN)/python -m pytest -q tests/e2e/browser
 
 lint: install-dev
 	$(BIN)/ruff format --check .

@@ -2,9 +2,10 @@
 
 uvicorn closes nothing while it waits for a request's head: a socket that connects and sends nothing, or
 a header line now and then, is held for ever. Its `limit_concurrency` (our max_connections) counts those
-sockets, so as many idle connections made every other client get 503 (tested with 4: tests/test_serve_
-process.py). Here each request head must arrive within `head_timeout_s` of the connection being ready for
-it (connected, or the previous response sent), and each body within `body_timeout_s` of its head; past
+sockets, so as many idle connections made every other client get 503 (tested with 4:
+tests/e2e/test_serve_process.py). Here each request head must arrive within `head_timeout_s` of the
+connection being ready for it (connected, or the previous response sent), and each body within
+`body_timeout_s` of its head; past
 either the connection is closed, and a request whose body stopped sees a disconnect.
 """
 

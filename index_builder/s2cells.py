@@ -1,7 +1,7 @@
 """S2 leaf cell ids of latitude/longitude points: the published S2 definition (cube face, quadratic
 projection, Hilbert curve), written out here so that sharding needs no extra dependency. Ids along the
 curve keep neighbours together, so a contiguous range of ids is a compact region: what a location shard
-is. tests/test_sharding.py checks the ids against the s2sphere package.
+is. tests/index/test_sharding.py checks the ids against the s2sphere package.
 """
 
 from __future__ import annotations

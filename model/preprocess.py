@@ -116,7 +116,8 @@ def resize_image_test(image: Image.Image, size: tuple[int, int]) -> torch.Tensor
     them: bilinear without antialias reads only the 2 x 2 source pixels around each output pixel, so
     those rows and columns are gathered from the uint8 image, normalised, and blended with torch's own
     source indices and weights, in torch's arithmetic (see `_torch_uses_fma`). Memory is then O(output)
-    whatever the image size. Measured identical on real photos and random sizes (tests/test_preprocess)."""
+    whatever the image size. Measured identical on real photos and random sizes
+    (tests/model/test_preprocess)."""
     width, height = image.size
     if width * height <= GATHER_ABOVE_PIXELS:
         return resize_tensor(normalize(to_tensor(image)), size)

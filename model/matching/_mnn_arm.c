@@ -6,7 +6,7 @@
    float32: one fused multiply-add chain per similarity over the channels in order from zero (native.py
    checks those bits against torch.mm before it uses the kernel). int8: exact int32 dot products of
    signed bytes, no shift. Tested bit for bit against a scalar reference under qemu-user
-   (tests/native/arm_check.sh), on emulated CPUs with and without dot product and i8mm. */
+   (tests/model/native/arm_check.sh), on emulated CPUs with and without dot product and i8mm. */
 
 #if defined(__aarch64__) && defined(__GNUC__)
 #include <arm_neon.h>

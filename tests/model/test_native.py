@@ -28,7 +28,7 @@ def kernel_param(kernel: native.Kernel):
     if kernel.isa not in native.ISA_LEVELS.get(MACHINE, ()):
         reason = f"{kernel.name} is for another architecture than {MACHINE}"
         if kernel.isa in native.ISA_LEVELS["aarch64"]:
-            reason += " (checked under qemu: tests/test_native_arm.py)"
+            reason += " (checked under qemu: tests/model/test_native_arm.py)"
     else:
         reason = f"this CPU has no {kernel.name}"
     mark = pytest.mark.skipif(

@@ -1,9 +1,9 @@
-"""Driver of tests/test_ray_cluster.py, run inside a loopback-only network namespace (`unshare -n`):
+"""Driver of tests/e2e/test_ray_cluster.py, run inside a loopback-only network namespace (`unshare -n`):
 `selavpr serve --engine ray` on a local Ray cluster, every query compared with the single-process answer,
 then a shard replica hung (SIGSTOP) and killed mid-traffic, then references uploaded and rebuilt under
 traffic; and a cluster too small for explicit requests. Writes a JSON report; the test asserts on it.
 
-    python -m tests.ray_cluster_scenario CONFIG.json REPORT.json
+    python -m tests.e2e.ray_cluster_scenario CONFIG.json REPORT.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.servers import selavpr_command, serve_process
 
 KILLED_SHARD = "shard-01"
 API_KEY = "scenario-key"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCORE_TOLERANCE = 1.5e-6  # one unit of the 6th decimal the scores are rounded to, and float noise
 
 

@@ -1,6 +1,7 @@
-"""Run by tests/test_fused.py in a child process with TRITON_INTERPRET=1 (Triton reads it when it is first
-imported): the fused kernel on CPU tensors against the engine's exact matching of the same operands, ties
-included. Prints one line per precision and channel count and exits non-zero on any difference."""
+"""Run by tests/model/test_fused.py in a child process with TRITON_INTERPRET=1 (Triton reads it when it
+is first imported): the fused kernel on CPU tensors against the engine's exact matching of the same
+operands, ties included. Prints one line per precision and channel count and exits non-zero on any
+difference."""
 
 import os
 import sys

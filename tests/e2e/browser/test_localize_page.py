@@ -10,8 +10,8 @@ import re
 from PIL import Image
 from playwright.sync_api import expect
 
-from tests.browser.conftest import SCREENSHOTS, UPLOAD_LIMIT
-from tests.browser.pages import OffOrigin, drop_file, open_page
+from tests.e2e.browser.conftest import SCREENSHOTS, UPLOAD_LIMIT
+from tests.e2e.browser.pages import OffOrigin, drop_file, open_page
 
 SCORE = re.compile(r"score \d\.\d{3}")
 

@@ -370,7 +370,7 @@ def test_float_near_ties_within_a_key_bucket_keep_the_first_maximum(monkeypatch)
     argmax, and a row whose similarities are all negative must come out right too."""
     from model.matching import reducers
 
-    monkeypatch.setenv(NATIVE_ENV, "0")  # the tiles' reducer (tests/test_native.py: the same maps there)
+    monkeypatch.setenv(NATIVE_ENV, "0")  # the tiles' reducer (test_native.py: the same maps there)
     caught = {"rows": 0, "columns": 0}
 
     def spy(name, real, dim):

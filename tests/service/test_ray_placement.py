@@ -2,7 +2,7 @@
 cluster started by `serve` shares its CPUs among the replicas, explicit requests are kept, a request the
 cluster cannot hold is one message (asked, available, the fix), and a deployment that does not run
 within the deadline ends the wait with that message instead of waiting for ever. The real command on a
-real cluster: tests/test_ray_cluster.py."""
+real cluster: tests/e2e/test_ray_cluster.py."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def test_serve_help_says_how_cpus_are_shared():
 def test_shards_on_gpus_are_plumbed_to_the_replicas_and_the_router(sharded_shared_indexes):
     """--shard-num-gpus: each shard replica reserves the GPU share, is told to count on "cuda" with the
     service's resident-maps budget, and the ingress resolves the counts' precision for that device (no
-    GPU here: the options are checked, the device code path in tests/test_index.py on the CPU)."""
+    GPU here: the options are checked, the device code path in tests/index/test_index.py on the CPU)."""
     pytest.importorskip("ray.serve")
     from app.ray_engine.deployments import build_application
     from app.settings import Settings

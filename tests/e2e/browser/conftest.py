@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.browser.pages import open_page
 from tests.conftest import REPO
+from tests.e2e.browser.pages import open_page
 from tests.servers import serve_args, serve_process
 
 CHROMIUM = Path(os.environ.get("SELAVPR_CHROMIUM", "/usr/bin/chromium"))

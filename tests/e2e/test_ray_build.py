@@ -2,7 +2,7 @@
 single-process build gives, bit for bit (global descriptors, stored local maps, records, encoding
 identity, search answers); a second build re-encodes nothing, one after an image is added only that
 image; a corrupt image is skipped and reported. Ray runs as a real local cluster (2 CPUs, 2 encoder
-actors) inside a loopback-only network namespace (tests/ray_build_scenario.py), usage statistics off,
+actors) inside a loopback-only network namespace (tests/e2e/ray_build_scenario.py), usage statistics off,
 no dashboard; nothing it starts may outlive the test. A tiny checkpoint and a handful of shared images
 keep it short (about 50 s on the project's 2-core machine); needs root, `unshare` and `ip` (CI has them).
 """
@@ -115,7 +115,7 @@ def test_ray_data_build_equals_the_single_process_build(ray_available, shared_da
         "ray_tmp": str(ray_tmp),
     }
     try:
-        run = run_isolated("tests.ray_build_scenario", config, tmp_path, timeout_s=600)
+        run = run_isolated("tests.e2e.ray_build_scenario", config, tmp_path, timeout_s=600)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert run.returncode == 0, run.output[-5000:]

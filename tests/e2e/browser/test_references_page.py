@@ -7,7 +7,7 @@ import re
 
 from playwright.sync_api import expect
 
-from tests.browser.conftest import API_KEY
+from tests.e2e.browser.conftest import API_KEY
 
 TOKYO = (35.6593, 139.6984)  # the README's GPS of tokyo_query.jpg
 # records what the progress line showed while the rebuild ran (the page polls; nothing may be missed)

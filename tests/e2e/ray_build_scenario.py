@@ -1,4 +1,4 @@
-"""Driver of tests/test_ray_build.py, run inside a loopback-only network namespace (`unshare -n`): Ray
+"""Driver of tests/e2e/test_ray_build.py, run inside a loopback-only network namespace (`unshare -n`): Ray
 Data builds of a reference folder, (1) through the CLI (`index build --engine ray`, a local cluster of
 its own), (2) again with nothing changed and (3) after one image is added, both through the Python API
 in one local cluster. Writes what it saw as JSON; the test compares the indexes it left behind."""
@@ -19,7 +19,7 @@ from index_builder.ray_build import RayBuildOptions, RayDataEncoder, ray_session
 from model.extractor import FeatureExtractor
 from model.options import ModelOptions
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main(config_path: str, report_path: str) -> None:

@@ -14,13 +14,13 @@ import model.matching.fused as fused
 from model.matching.precision import Precision
 
 pytest.importorskip("triton", reason="triton comes with the dev extra (pyproject) on x86-64 Linux")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fused_kernel_finds_the_tiled_engines_matches():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "fused_interpreted.py")],
+        [sys.executable, str(ROOT / "tests" / "model" / "fused_interpreted.py")],
         env=env,
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""`selavpr serve --engine ray` on a real local Ray cluster (tests/ray_cluster_scenario.py drives it):
+"""`selavpr serve --engine ray` on a real local Ray cluster (tests/e2e/ray_cluster_scenario.py drives it):
 the cluster runs inside a loopback-only network namespace (`unshare -n`: nothing can leave the machine),
 without usage statistics or dashboard.
 
@@ -88,7 +88,7 @@ def test_ray_cluster_as_users_run_it(ray_installed, sharded_shared_indexes, tmp_
         ],
     }
     try:
-        run = run_isolated("tests.ray_cluster_scenario", config, tmp_path, timeout_s=900)
+        run = run_isolated("tests.e2e.ray_cluster_scenario", config, tmp_path, timeout_s=900)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     seconds = run.seconds
