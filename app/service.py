@@ -262,10 +262,7 @@ class VPRService:
         try:
             result = await lane.submit(LocalizeJob(query, top_k, rerank_k, prior), owner, cost=rerank_k)
         except QueueFull:
-            self.metrics.errors.labels("queue_full").inc()
-            raise ServiceUnavailable(
-                "too many queries waiting; retry later", retry_after_s=self.settings.retry_after_s
-            ) from None
+            raise self._queue_full() from None
         self.metrics.observe_timings(result.timings_ms.model_dump())
         return result
 
@@ -278,10 +275,14 @@ class VPRService:
         try:
             return await self.batcher.submit(PairsJob(query, reference_id, max_pairs), cost=1)
         except QueueFull:
-            self.metrics.errors.labels("queue_full").inc()
-            raise ServiceUnavailable(
-                "too many queries waiting; retry later", retry_after_s=self.settings.retry_after_s
-            ) from None
+            raise self._queue_full() from None
+
+    def _queue_full(self) -> ServiceUnavailable:
+        """What a client hears when too many queries wait (503 with Retry-After), counted."""
+        self.metrics.errors.labels("queue_full").inc()
+        return ServiceUnavailable(
+            "too many queries waiting; retry later", retry_after_s=self.settings.retry_after_s
+        )
 
     def _run_batch(self, jobs: Sequence[LocalizeJob | PairsJob]) -> list[LocalizeResult | dict]:
         localizer = self.localizer  # one version for the whole batch
