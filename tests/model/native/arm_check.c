@@ -9,7 +9,7 @@
 #include <math.h>
 #include <stdio.h>
 
-#include "../../model/matching/_mnn_arm.c"
+#include "../../../model/matching/_mnn_arm.c"
 
 typedef int (*kernel_fn)(MNN_KERNEL_ARGS);
 

@@ -12,7 +12,7 @@ for tool in "$CC" "$QEMU"; do
 done
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
-matching="$here/../../model/matching"
+matching="$here/../../../model/matching"
 # The library as pip builds it on ARM (both sources; the x86 kernels compile to nothing there) ...
 "$CC" -O3 -Wall -Wextra -Werror -shared -fPIC -o "$out/lib.so" "$matching/_mnn_cpu.c" "$matching/_mnn_arm.c"
 # ... and the kernels with the checking driver, static so that qemu needs no ARM libraries.
