@@ -5,8 +5,8 @@ a header line now and then, is held for ever. Its `limit_concurrency` (our max_c
 sockets, so as many idle connections made every other client get 503 (tested with 4:
 tests/e2e/test_serve_process.py). Here each request head must arrive within `head_timeout_s` of the
 connection being ready for it (connected, or the previous response sent), and each body within
-`body_timeout_s` of its head; past
-either the connection is closed, and a request whose body stopped sees a disconnect.
+`body_timeout_s` of its head; past either the connection is closed, and a request whose body stopped
+sees a disconnect.
 """
 
 from __future__ import annotations

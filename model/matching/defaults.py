@@ -26,8 +26,8 @@ INT8_DEFAULT_MIN_SPEEDUP = 2.0
 # 1.8-1.9x at 16x16x384 (2.5e7) and 0.8x at 16x16x1024 (6.7e7), where per-call costs eat the gain: at
 # 1.9x the policy took 1.1x float32's time on the shared images' patch tokens; AVX-512 VNNI 2.7x at
 # 61x61x128; AVX-VNNI 1.5-3x (the Xeon capped at it, loaded). AVX2 without VNNI (vpmaddubsw) is not
-# listed: 0.6-1.25x its float32 kernel (it issues as many
-# vector operations per product as FMA does). The ARM kernels are not listed: not measured on ARM.
+# listed: 0.6-1.25x its float32 kernel (it issues as many vector operations per product as FMA does).
+# The ARM kernels are not listed: not measured on ARM.
 NATIVE_INT8_MIN_PRODUCTS = {"amx": 2**28, "avx512": 2**28, "avx_vnni": 2**28}
 
 # The map shape the default is decided on when the caller gives none: SelaVPR's local head at 224 px.
