@@ -36,6 +36,7 @@ from index_builder.store import ImageRecord, IndexVersion
 from model.extractor import FeatureExtractor, resolve_device
 from model.matching import native, rerank_order
 from model.matching.defaults import resolve_precision
+from model.options import ModelOptions
 from model.preprocess import ImageSource, MemoryBudget
 from model.weights.loading import load_model
 
@@ -311,15 +312,14 @@ def extractor_for(
     identity = index.identity
     recorded = index.manifest.checkpoint
     source = checkpoint or recorded.spec or recorded.source
-    loaded = load_model(source, resolve_device(device))
-    return FeatureExtractor(
-        loaded,
+    recorded_options = ModelOptions(
+        image_size=identity.image_size,
         local_mode=identity.local_mode,
         feature_block=identity.feature_block,
-        image_size=identity.image_size,
-        exif_transpose=identity.exif_transpose,
         model_dtype=identity.model_dtype,
+        exif_transpose=identity.exif_transpose,
     )
+    return FeatureExtractor.with_options(load_model(source, resolve_device(device)), recorded_options)
 
 
 def check_compatible(index: IndexVersion, extractor: FeatureExtractor) -> None:

@@ -9,34 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from index_builder.builder import BuildConfig, build_index
 from index_builder.calibration import Calibration, LogisticModel, write_supplied
 from index_builder.manifest import IndexManifest
 from index_builder.search import Localizer
 from index_builder.status import index_status
 from index_builder.store import VERSIONS, current_version_name
-from model.options import ModelOptions
 from tests.service_helpers import files, running, settings_for
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, shared_data, tiny_ckpt) -> tuple[Path, Path]:
-    """Three places, one reference located: too few to self-calibrate."""
-    root = tmp_path_factory.mktemp("built")
-    refs = root / "refs"
-    for place in ("p0", "p1", "p2"):
-        shutil.copytree(shared_data / "matching_triplets" / place, refs / place)
-    (refs / "locations.csv").write_text("path,lat,lon\np1/i0/Image059.jpg,-27.4772,153.0281\n")
-    build_index(
-        BuildConfig(
-            references=refs,
-            index_dir=root / "index",
-            model=ModelOptions(checkpoint=str(tiny_ckpt), device="cpu"),
-        )
-    )
-    return refs, root / "index"
 
 
 @pytest.fixture
