@@ -104,7 +104,7 @@ static inline int8_t mnn_quantize_one(float x, float scale) {
     return (int8_t)y;
 }
 
-/* The map of element e, and where the run of its map's elements from e (up to e1) ends. */
+/* Where the run of elements from e that share its map ends (at most e1). */
 static inline int64_t mnn_map_run_end(int64_t e, int64_t e1, int64_t per_map) {
     int64_t end = (e / per_map + 1) * per_map;
     return end < e1 ? end : e1;
