@@ -158,6 +158,33 @@ int selavpr_mnn_f32_neon(MNN_KERNEL_ARGS) {
     return mnn_run(&kernel, MNN_PASS_ARGS);
 }
 
+/* ---- quantize_int8's elementwise pass (as selavpr_quantize_i8 in _mnn_cpu.c) ------------------------ */
+
+/* 4 values times the scale, rounded half to even (vrndnq), clamped: as mnn_quantize_one, as int32. */
+INLINE int32x4_t quantize4(const float *x, float32x4_t scale) {
+    float32x4_t y = vrndnq_f32(vmulq_f32(vld1q_f32(x), scale));
+    y = vmaxq_f32(vminq_f32(y, vdupq_n_f32(127.0f)), vdupq_n_f32(-127.0f));
+    return vcvtq_s32_f32(y);
+}
+
+int selavpr_quantize_i8(const float *x, int8_t *out, int64_t e0, int64_t e1, int64_t per_map,
+                        const float *scales) {
+    for (int64_t e = e0; e < e1;) {
+        int64_t end = mnn_map_run_end(e, e1, per_map);
+        float s = scales[e / per_map];
+        float32x4_t scale = vdupq_n_f32(s);
+        for (; e + 16 <= end; e += 16) {
+            int16x8_t lo = vcombine_s16(vmovn_s32(quantize4(x + e, scale)),
+                                        vmovn_s32(quantize4(x + e + 4, scale)));
+            int16x8_t hi = vcombine_s16(vmovn_s32(quantize4(x + e + 8, scale)),
+                                        vmovn_s32(quantize4(x + e + 12, scale)));
+            vst1q_s8(out + e, vcombine_s8(vmovn_s16(lo), vmovn_s16(hi)));
+        }
+        for (; e < end; e++) out[e] = mnn_quantize_one(x[e], s);
+    }
+    return 0;
+}
+
 /* ---- int8 on sdot: the query packed as [lq_pad / 16][c / 4][16][4] bytes -------------------------- */
 
 TARGET_DOTPROD INLINE void rows_sdot_of(const mnn_pass *p, int rows, int i, int j_lo, int j_hi) {

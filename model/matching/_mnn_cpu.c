@@ -474,6 +474,45 @@ int selavpr_mnn_i8_avxvnni(MNN_KERNEL_ARGS) {
     return mnn_run(&kernel, MNN_PASS_ARGS);
 }
 
+/* ---- quantize_int8's elementwise pass ------------------------------------------------------------ */
+
+/* 8 values times the scale, rounded half to even, clamped: as mnn_quantize_one, as int32. */
+TARGET_AVX2 INLINE __m256i quantize8(const float *x, __m256 scale) {
+    __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x), scale);
+    y = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    y = _mm256_max_ps(_mm256_min_ps(y, _mm256_set1_ps(127.0f)), _mm256_set1_ps(-127.0f));
+    return _mm256_cvtps_epi32(y);
+}
+
+TARGET_AVX2 static void quantize_avx2(const float *x, int8_t *out, int64_t e0, int64_t e1, int64_t per_map,
+                                      const float *scales) {
+    /* packs work within 128-bit lanes: this puts the 32 bytes back in order */
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t e = e0; e < e1;) {
+        int64_t end = mnn_map_run_end(e, e1, per_map);
+        float s = scales[e / per_map];
+        __m256 scale = _mm256_set1_ps(s);
+        for (; e + 32 <= end; e += 32) {
+            __m256i a = _mm256_packs_epi32(quantize8(x + e, scale), quantize8(x + e + 8, scale));
+            __m256i b = _mm256_packs_epi32(quantize8(x + e + 16, scale), quantize8(x + e + 24, scale));
+            __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
+            _mm256_storeu_si256((__m256i *)(out + e), bytes);
+        }
+        for (; e < end; e++) out[e] = mnn_quantize_one(x[e], s);
+    }
+}
+
+/* out[e] for elements [e0, e1) of maps of per_map float32 values x, each map with its own scale: the
+   bits of quantize_int8's torch.mul(x, scale).round_().clamp_(-127, 127).to(torch.int8), in one pass. */
+int selavpr_quantize_i8(const float *x, int8_t *out, int64_t e0, int64_t e1, int64_t per_map,
+                        const float *scales) {
+    if (selavpr_mnn_caps() & CAP_AVX2)
+        quantize_avx2(x, out, e0, e1, per_map, scales);
+    else
+        mnn_quantize_scalar(x, out, e0, e1, per_map, scales);
+    return 0;
+}
+
 /* ---- int8 and bfloat16 on AMX ------------------------------------------------------------------- */
 
 /* Tiles: 0, 1 the 16 x 32 similarities (int32, or float32 for bfloat16); 2 a 16-row x 64-byte block of

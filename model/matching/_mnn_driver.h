@@ -94,6 +94,27 @@ static inline void mnn_fold_i32(const int32_t *v, const int32_t *idx, int lanes,
     *best_i = first;
 }
 
+/* quantize_int8's elementwise step (model/matching/precision.py), one value: times its map's scale
+   (one IEEE float32 product, as torch.mul), rounded half to even (torch.round), clamped to [-127, 127].
+   Inputs are finite. The vector versions (selavpr_quantize_i8 per architecture) give the same bits. */
+static inline int8_t mnn_quantize_one(float x, float scale) {
+    float y = nearbyintf(x * scale); /* the default rounding mode: to nearest, ties to even */
+    y = y > 127.0f ? 127.0f : y;
+    y = y < -127.0f ? -127.0f : y;
+    return (int8_t)y;
+}
+
+/* Where the run of elements from e that share its map ends (at most e1). */
+static inline int64_t mnn_map_run_end(int64_t e, int64_t e1, int64_t per_map) {
+    int64_t end = (e / per_map + 1) * per_map;
+    return end < e1 ? end : e1;
+}
+
+static inline void mnn_quantize_scalar(const float *x, int8_t *out, int64_t e0, int64_t e1, int64_t per_map,
+                                       const float *scales) {
+    for (int64_t e = e0; e < e1; e++) out[e] = mnn_quantize_one(x[e], scales[e / per_map]);
+}
+
 /* Rows [i0, i1) of each of k maps (lc rows of c values) against the packed query. row_arg (k, lc):
    written for rows [i0, i1). col_val, col_arg (k, lq_pad): the first best row in [i0, i1) of each
    query position. Returns 0, or -1 when out of memory. */

@@ -51,6 +51,7 @@ AMX_ENV = "SELAVPR_NATIVE_AMX"  # 0: no AMX kernels (as SELAVPR_NATIVE_ISA=avx51
 CAP_AVX2, CAP_AVX_VNNI, CAP_AVX512, CAP_AVX512_VNNI, CAP_AMX_INT8, CAP_AMX_BF16 = (1 << b for b in range(6))
 CAP_NEON, CAP_DOTPROD, CAP_I8MM = 1 << 6, 1 << 7, 1 << 8
 ABI = 2  # selavpr_mnn_abi() of the library these declarations fit
+QUANTIZE_SYMBOL = "selavpr_quantize_i8"  # quantize_int8's elementwise pass (absent from older builds)
 LANES, TILE_POSITIONS = 16, 32
 TILE_ROWS = 48  # a multiple of every kernel's rows per micro-tile (4, 6, 8, 16)
 
@@ -132,6 +133,10 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn.restype = i32
             # query, bias, L_q, L_q_pad, maps, k, L_c, channels, i0, i1, row_arg, col_val, col_arg
             fn.argtypes = [p, p, i32, i32, p, i64, i32, i32, i32, i32, p, p, p]
+    if hasattr(lib, QUANTIZE_SYMBOL):
+        # values, out, first element, end element, values per map, scales
+        getattr(lib, QUANTIZE_SYMBOL).argtypes = [p, p, i64, i64, i64, p]
+        getattr(lib, QUANTIZE_SYMBOL).restype = i32
 
 
 def _cpu_features() -> int:
@@ -222,6 +227,39 @@ def amx_enabled() -> bool:
     """Whether int8 runs on AMX tiles (CPUs with AMX, unless capped below amx)."""
     kernel = kernel_for(Precision.INT8)
     return kernel is not None and kernel.isa == "amx"
+
+
+def quantize_int8(maps: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """precision.quantize_int8's elementwise step for (n, ...) float32 maps on CPU and their (n,) scales,
+    in one C pass split between threads: the bits of torch.mul(maps, scale).round_().clamp_(-127, 127)
+    .to(torch.int8) without its four passes over float32 copies. None where the library lacks it or
+    SELAVPR_NATIVE_MNN=0 (the caller runs the torch version)."""
+    lib = _library() if os.environ.get(NATIVE_ENV, "1") != "0" else None
+    if lib is None or not hasattr(lib, QUANTIZE_SYMBOL) or maps.device.type != "cpu" or maps.numel() == 0:
+        return None
+    values = maps.contiguous().float()
+    scales = scales.contiguous().float()
+    out = torch.empty(values.shape, dtype=torch.int8)
+    per_map = values[0].numel()
+    fn = getattr(lib, QUANTIZE_SYMBOL)
+
+    def part(bounds: tuple[int, int]) -> int:
+        return fn(values.data_ptr(), out.data_ptr(), *bounds, per_map, scales.data_ptr())
+
+    parts = _element_ranges(values.numel(), torch.get_num_threads())
+    if len(parts) > 1:
+        list(_pool().map(part, parts))
+    else:
+        part(parts[0])
+    return out
+
+
+def _element_ranges(n: int, threads: int, minimum: int = 1 << 16) -> list[tuple[int, int]]:
+    """[0, n) in at most `threads` ranges of at least `minimum` elements (a thread per few KiB costs more
+    than it saves)."""
+    count = max(1, min(threads, n // minimum))
+    step = -(-n // count)
+    return [(e0, min(e0 + step, n)) for e0 in range(0, n, step)]
 
 
 @dataclass

@@ -66,9 +66,14 @@ def quantize_int8(maps: torch.Tensor, bits: int) -> torch.Tensor:
     """(n, L, C) float maps -> int8, one scale per map: the largest component goes to 127, unless that
     would make a vector long enough to break `int8_limit` (|a.b| <= |a||b|; rounding adds at most
     0.5 * sqrt(C) to a length)."""
+    from model.matching import native  # imported here: native imports this module
+
     x = maps.float()
-    scale = int8_scales(x, bits).view(-1, *([1] * (x.ndim - 1)))
-    return torch.mul(x, scale).round_().clamp_(-127, 127).to(torch.int8)
+    scales = int8_scales(x, bits)
+    quantized = native.quantize_int8(x, scales)
+    if quantized is not None:
+        return quantized
+    return torch.mul(x, scales.view(-1, *([1] * (x.ndim - 1)))).round_().clamp_(-127, 127).to(torch.int8)
 
 
 def int8_scales(maps: torch.Tensor, bits: int) -> torch.Tensor:

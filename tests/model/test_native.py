@@ -316,3 +316,44 @@ def test_the_instruction_set_cap_chooses_from_one_table(monkeypatch):
         if chosen:  # the first kernel of its precision that this CPU has
             first = next(k for k in native.KERNELS if k.precision is precision and FEATURES & k.feature)
             assert chosen == first
+
+
+def torch_quantized(maps: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_int8's elementwise step as torch computes it (the definition the C pass must equal)."""
+    scale = scales.view(-1, *([1] * (maps.ndim - 1)))
+    return torch.mul(maps, scale).round_().clamp_(-127, 127).to(torch.int8)
+
+
+@pytest.mark.skipif(native._library() is None, reason="no C library here (not built)")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(3, 7, 5), (2, 61, 61, 128), (1, 300_001), (5, 33)])
+def test_quantizing_in_c_gives_the_bits_of_the_torch_passes(monkeypatch, shape, threads):
+    """Random values, values exactly half-way between integers once scaled (ties go to even: 2.5 -> 2,
+    3.5 -> 4), values past +-127 (clamped), zeros of both signs; maps not a multiple of the vector
+    width, and element ranges per thread that split maps."""
+    monkeypatch.setenv(NATIVE_ENV, "1")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(threads)
+    maps = torch.randn(*shape, generator=gen) * 0.3
+    flat = maps.view(-1)
+    halves = (torch.arange(-130, 130, dtype=torch.float32) + 0.5)[: maps[0].numel()]
+    maps[0].view(-1)[: len(halves)] = halves  # the first map's scale is 1: these stay half-way
+    flat[-3:] = torch.tensor([0.0, -0.0, 5.0])
+    scales = torch.rand(shape[0], generator=gen) * 300 + 1
+    scales[0] = 1.0
+    got = native.quantize_int8(maps, scales)
+    assert got is not None and got.dtype == torch.int8
+    assert torch.equal(got, torch_quantized(maps, scales))
+    assert int(got.max()) == 127 and int(got.min()) == -127  # the clamp was exercised
+
+
+@pytest.mark.skipif(native._library() is None, reason="no C library here (not built)")
+def test_quantize_int8_is_the_same_with_the_kernels_off(monkeypatch):
+    from model.matching.precision import index_bits, quantize_int8
+
+    maps = unit_maps(4, 61 * 61, 128, seed=8)
+    monkeypatch.setenv(NATIVE_ENV, "1")
+    fast = quantize_int8(maps, index_bits(3721))
+    monkeypatch.setenv(NATIVE_ENV, "0")
+    assert native.quantize_int8(maps, torch.ones(4)) is None
+    assert torch.equal(fast, quantize_int8(maps, index_bits(3721)))

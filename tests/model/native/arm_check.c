@@ -158,6 +158,38 @@ static void check(const kernel_case *kc, int lq, int lc, int c, int k, int kind,
         free(col_arg);
 }
 
+/* Round half to even by hand, clamped to [-127, 127]: the reference for selavpr_quantize_i8. */
+static int8_t quantized(float x, float scale) {
+    float y = x * scale, r = floorf(y), rest = y - r;
+    if (rest > 0.5f || (rest == 0.5f && fmodf(r, 2.0f) != 0.0f)) r += 1.0f;
+    return (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+}
+
+/* selavpr_quantize_i8 on maps of 37 values (not a multiple of the vector width), element ranges that
+   split maps, values half-way between integers (scale 1), past +-127, and random. */
+static void check_quantize(void) {
+    enum { PER_MAP = 37, MAPS = 9, N = PER_MAP * MAPS };
+    float x[N], scales[MAPS];
+    int8_t out[N];
+    for (int m = 0; m < MAPS; m++) scales[m] = m == 0 ? 1.0f : 1.0f + (float)(next() % 30000) / 100.0f;
+    for (int e = 0; e < N; e++) x[e] = ((float)(next() % 20001) - 10000.0f) / 10000.0f;
+    for (int e = 0; e < PER_MAP; e++) x[e] = (float)(e - 18) * 7.0f + 0.5f; /* -125.5 .. 126.5, map 0 */
+    x[1] = 300.0f, x[2] = -300.0f;
+    static const int64_t cuts[][2] = {{0, N}, {0, 40}, {40, 100}, {100, N}, {5, 6}};
+    for (size_t c = 0; c < sizeof cuts / sizeof *cuts; c++) {
+        memset(out, 99, sizeof out);
+        selavpr_quantize_i8(x, out, cuts[c][0], cuts[c][1], PER_MAP, scales);
+        for (int64_t e = cuts[c][0]; e < cuts[c][1]; e++)
+            if (out[e] != quantized(x[e], scales[e / PER_MAP])) {
+                printf("FAIL quantize: element %lld: %d, expected %d\n", (long long)e, out[e],
+                       quantized(x[e], scales[e / PER_MAP]));
+                failures++;
+                return;
+            }
+    }
+    printf("ok int8 quantize on NEON\n");
+}
+
 static int features_named(const char *list) {
     int caps = 0;
     if (strstr(list, "neon")) caps |= CAP_NEON;
@@ -178,6 +210,7 @@ int main(int argc, char **argv) {
     static const int shapes[][4] = {{1, 1, 8, 2}, {35, 21, 24, 3}, {36, 25, 22, 2}, {3, 3, 4, 2},
                                     {99, 26, 130, 2}, {97, 61, 128, 2}, {61, 97, 40, 2}, {700, 50, 128, 1},
                                     {300, 13, 1024, 1}};
+    check_quantize();
     int ran = 0;
     for (size_t kc = 0; kc < sizeof KERNELS / sizeof *KERNELS; kc++) {
         if (!(caps & KERNELS[kc].feature)) {
