@@ -94,7 +94,9 @@ def query_sets(
                 },
                 "place_removed": report.place_removed,
             }
-            raw[name] = _raw(report.top_answers, VPRSplit.load(dataset, "test").queries_paths)
+            paths = VPRSplit.load(dataset, "test").queries_paths
+            raw[name] = _raw(report.top_answers, paths)
+            raw[name]["place_removed"] = _raw(report.top_answers_place_removed, paths)
         raw[f"self-calibration {view}"] = self_calibration_answers(index_dir, calibration)
     return sets, raw
 

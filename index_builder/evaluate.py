@@ -94,10 +94,12 @@ class EvalReport:
     calibration: dict[str, Any] | None = None
     answers: dict[str, Any] = field(default_factory=dict)  # answer_quality(): per stage, PR and ECE
     place_removed: dict[str, Any] | None = None  # place_removed_quality()
-    top_answers: TopAnswers | None = None  # per query (for pooling sets); not in to_dict()
+    # per query, normal and with the true places removed (for pooling sets); not in to_dict()
+    top_answers: TopAnswers | None = None
+    top_answers_place_removed: TopAnswers | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        dropped = ("global_recalls", "reranked_recalls", "top_answers")
+        dropped = ("global_recalls", "reranked_recalls", "top_answers", "top_answers_place_removed")
         out = {k: v for k, v in self.__dict__.items() if k not in dropped}
         return {**out, "global": self.global_recalls, "reranked": self.reranked_recalls}
 
@@ -293,6 +295,7 @@ def evaluate(
         answers=answer_quality(normal, has_positive, calibration is not None, groups),
         place_removed=place_removed_quality(normal, removed) if removed and calibration else None,
         top_answers=normal,
+        top_answers_place_removed=removed,
     )
 
 
