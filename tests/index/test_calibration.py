@@ -229,3 +229,37 @@ def test_answer_quality_reports_intervals_and_the_paired_difference():
     assert set(quality["ece_if_calibrated"]) == {"mean", "upper"}
     uncalibrated = answer_quality(answers, np.ones(60, dtype=bool), calibrated=False)["reranked"]
     assert "ece" not in uncalibrated and set(uncalibrated) == {"by_global_score", "by_confidence"}
+
+
+def test_perturbed_queries_are_repeatable_variants_grouped_by_photo(shared_data, tmp_path):
+    from bench.perturbed_queries import make_perturbed_dataset, photo_group
+    from model.datasets import VPRSplit
+
+    first = make_perturbed_dataset(tmp_path / "a", shared_data, "i1", variants=2)
+    again = make_perturbed_dataset(tmp_path / "b", shared_data, "i1", variants=2)
+    split = VPRSplit.load(first, "test")
+    assert (len(split.database_paths), len(split.queries_paths)) == (20, 20)
+    assert all(len(p) == 2 for p in split.positives(25.0))  # each variant: its place's two other views
+    names = [p.name for p in split.queries_paths]
+    assert [
+        (first / "images/test/queries" / n).read_bytes() == (again / "images/test/queries" / n).read_bytes()
+        for n in names
+    ] == [True] * 20
+    p0 = sorted(p for p in split.queries_paths if "@p0_i1_v" in p.name)
+    assert [photo_group(p) for p in p0] == ["p0_i1", "p0_i1"]
+    assert len({photo_group(p) for p in split.queries_paths}) == 10
+    from PIL import Image
+
+    photo = next((shared_data / "matching_triplets/p0/i1").iterdir())
+    source = np.asarray(Image.open(photo).convert("RGB"), float)
+    variants = [np.asarray(Image.open(p), float) for p in p0]
+    assert variants[0].shape == source.shape
+    assert np.abs(variants[0] - source).mean() > 5 and np.abs(variants[0] - variants[1]).mean() > 5
+
+
+def test_pool_adjacent_violators_by_hand():
+    from bench.calibration_choice import _pool_adjacent_violators
+
+    knots, values = _pool_adjacent_violators(np.array([0.1, 0.2, 0.3, 0.4]), np.array([1.0, 0.0, 1.0, 1.0]))
+    # (1+1)/3 > (0+1)/3: the first two pool to (1+1)/(2+2) = 0.5; then 2/3 twice pools to (2+1)/(2+2)
+    assert knots == pytest.approx([0.15, 0.35]) and values == pytest.approx([0.5, 0.75])
