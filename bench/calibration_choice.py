@@ -152,12 +152,16 @@ class Queries:
         )
 
 
-def queries_of(raw: dict, kind: str) -> Queries:
+def queries_of(raw: dict, kind: str, other_samples: dict[str, dict]) -> Queries:
+    """`other_samples`: name -> another bench run's raw answers, whose self-calibration samples (drawn
+    another way) are fitted the build's way: one more alternative each."""
     parts = []
     for view in ("i0", "i1", "i2"):
         data = raw[f"{kind} {view}"]
         sample = self_sample(raw[f"self-calibration {view}"])
         fitted = {name: fit(sample) for name, fit in ALTERNATIVES.items()}
+        for name, other in other_samples.items():
+            fitted[name] = logistic()(self_sample(other[f"self-calibration {view}"]))
         x = np.array(data["features"][STAGE], dtype=np.float64)
         removed = np.array(data["place_removed"]["features"][STAGE], dtype=np.float64)
         parts.append((data, {n: f(x) for n, f in fitted.items()}, {n: f(removed) for n, f in fitted.items()}))
@@ -168,8 +172,8 @@ def queries_of(raw: dict, kind: str) -> Queries:
         np.concatenate([np.array(d["right"][STAGE], dtype=bool) for d, _, _ in parts]),
         np.concatenate([np.array(d["confidence"], dtype=np.float64) for d, _, _ in parts]),
         np.concatenate([np.array(d["global_score"][STAGE], dtype=np.float64) for d, _, _ in parts]),
-        {name: np.concatenate([p[name] for _, p, _ in parts]) for name in ALTERNATIVES},
-        {name: np.concatenate([r[name] for _, _, r in parts]) for name in ALTERNATIVES},
+        {name: np.concatenate([p[name] for _, p, _ in parts]) for name in parts[0][1]},
+        {name: np.concatenate([r[name] for _, _, r in parts]) for name in parts[0][1]},
     )
 
 
@@ -228,11 +232,21 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench.calibration_choice", description=__doc__.split("\n")[0]
     )
     parser.add_argument("raw", type=Path)
+    parser.add_argument(
+        "--sample",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "RAW"),
+        help="another run's self-calibration samples (e.g. --candidates 100) as the alternative NAME",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     raw = json.loads(args.raw.read_text())
+    others = {name: json.loads(Path(path).read_text()) for name, path in args.sample}
     kinds = [k for k in ("real", "perturbed") if f"{k} i0" in raw]
-    every = {kind: queries_of(raw, kind) for kind in kinds}
+    every = {kind: queries_of(raw, kind, others) for kind in kinds}
+    names = list(every[kinds[0]].probability)
     choice = {kind: q.part(np.isin(q.place, list(CHOICE_PLACES))) for kind, q in every.items()}
     report = {kind: q.part(~np.isin(q.place, list(CHOICE_PLACES))) for kind, q in every.items()}
     # the choice: Brier score over the choice half's real and perturbed queries together
@@ -244,10 +258,11 @@ def main(argv: list[str] | None = None) -> int:
             ),
             4,
         )
-        for name in ALTERNATIVES
+        for name in names
     }
     baseline = next(iter(ALTERNATIVES))
     chosen = min(pooled_brier, key=lambda name: (pooled_brier[name], name != baseline))
+    differences = {kind: paired(q, chosen, baseline) for kind, q in report.items()}
     emit(
         {
             "baseline_is_the_served_probability": {
@@ -258,19 +273,21 @@ def main(argv: list[str] | None = None) -> int:
             "choice_brier": pooled_brier,
             "choice_ece": {
                 kind: {
-                    name: round(expected_calibration_error(q.probability[name], q.right), 4)
-                    for name in ALTERNATIVES
+                    name: round(expected_calibration_error(q.probability[name], q.right), 4) for name in names
                 }
                 for kind, q in choice.items()
             },
             "chosen": chosen,
+            # adopted only where it is better beyond noise: the Brier difference's whole interval below 0
+            # on the report half, for real and perturbed queries alike
+            "adopt": chosen != baseline and all(d["brier"]["interval"][1] < 0 for d in differences.values()),
             "report": {
                 kind: {
                     "queries": len(q.right),
                     "photos": len(set(q.photo)),
                     "baseline": figures(q, baseline),
                     "chosen": figures(q, chosen),
-                    "chosen_minus_baseline": paired(q, chosen, baseline),
+                    "chosen_minus_baseline": differences[kind],
                     "auc_pr_by_confidence": round(average_precision(q.confidence, q.right, len(q.right)), 4),
                     "auc_pr_by_global_score": round(
                         average_precision(q.global_score, q.right, len(q.right)), 4
