@@ -2,14 +2,18 @@
 answer is wrong").
 
 Three query sets from matching_triplets (each view i0, i1, i2 in turn the queries, the other two views
-the database; `bench.shared_dataset`). For each: the database index is built (self-calibrated), then
-`selavpr eval --place-removed`: AUC-PR and recall at 100% precision of the top-1 answers ranked by the
-probability, today's confidence and the global score; the probability's ECE over 10 bins; the share
-rejected with the true places removed. Also: what self-calibration adds to a build of all 32 shared images
-(built once without, once with), and what computing the probability costs per /localize. One JSON
-document.
+the database; `bench.shared_dataset`), and with --perturbed-variants N three more: N query-like variants
+of each of those query photos (`bench.perturbed_queries`, in a temporary directory) against the same
+database. For each: the database index is built (self-calibrated), then `selavpr eval --place-removed`:
+AUC-PR and recall at 100% precision of the top-1 answers ranked by the probability, today's confidence
+and the global score; the probability's ECE over 10 bins; each with its 95% bootstrap interval (variants
+of one photo resampled together), the ECE a perfectly calibrated predictor would show, and the share
+rejected with the true places removed. The sets of each kind are also pooled. Also: what self-calibration
+adds to a build of all 32 shared images (built once without, once with), and what computing the
+probability costs per /localize. One JSON document; --raw writes the per-query answers and the
+self-calibration samples that `bench.calibration_choice` refits.
 
-    python -m bench.calibration [--out FILE] [--rerank-k 100] [--device cpu]
+    python -m bench.calibration [--out FILE] [--perturbed-variants 10] [--raw FILE] [--rerank-k 100]
 """
 
 from __future__ import annotations
