@@ -2,19 +2,24 @@
 answer is wrong").
 
 Three query sets from matching_triplets (each view i0, i1, i2 in turn the queries, the other two views
-the database; `bench.shared_dataset`). For each: the database index is built (self-calibrated), then
-`selavpr eval --place-removed`: AUC-PR and recall at 100% precision of the top-1 answers ranked by the
-probability, today's confidence and the global score; the probability's ECE over 10 bins; the share
-rejected with the true places removed. Also: what self-calibration adds to a build of all 32 shared images
-(built once without, once with), and what computing the probability costs per /localize. One JSON
-document.
+the database; `bench.shared_dataset`), and with --perturbed-variants N three more: N query-like variants
+of each of those query photos (`bench.perturbed_queries`, in a temporary directory) against the same
+database. For each: the database index is built (self-calibrated), then `selavpr eval --place-removed`:
+AUC-PR and recall at 100% precision of the top-1 answers ranked by the probability, today's confidence
+and the global score; the probability's ECE over 10 bins; each with its 95% bootstrap interval (variants
+of one photo resampled together), the ECE a perfectly calibrated predictor would show, and the share
+rejected with the true places removed. The sets of each kind are also pooled. Also: what self-calibration
+adds to a build of all 32 shared images (built once without, once with), and what computing the
+probability costs per /localize. One JSON document; --raw writes the per-query answers and the
+self-calibration samples that `bench.calibration_choice` refits.
 
-    python -m bench.calibration [--out FILE] [--rerank-k 100] [--device cpu]
+    python -m bench.calibration [--out FILE] [--perturbed-variants 10] [--raw FILE] [--rerank-k 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -27,66 +32,139 @@ import numpy as np
 import torch
 
 from bench.common import DEFAULT_SHARED, emit, machine
+from bench.perturbed_queries import make_perturbed_dataset, photo_group
 from bench.shared_dataset import make_dataset
 from index_builder.builder import BuildConfig, build_index
-from index_builder.evaluate import EvalConfig, evaluate
+from index_builder.evaluate import EvalConfig, TopAnswers, answer_quality, evaluate
 from index_builder.search import Localizer, answer_probability
-from index_builder.self_calibration import CANDIDATES, MAX_SAMPLES, SelfCalibrationConfig
+from index_builder.self_calibration import (
+    CANDIDATES,
+    MAX_SAMPLES,
+    SelfCalibrationConfig,
+    held_out_answers,
+)
+from index_builder.store import IndexVersion
+from model.datasets import VPRSplit
 from model.extractor import FeatureExtractor, resolve_device
+from model.matching.defaults import resolve_precision
 from tests.helpers import shared_references
 
 VIEWS = ("i0", "i1", "i2")
+KINDS = ("real", "perturbed")
 
 
 def query_sets(
-    extractor: FeatureExtractor, shared: Path, work: Path, rerank_k: int, calibration: SelfCalibrationConfig
-) -> dict:
-    sets = {}
+    extractor: FeatureExtractor,
+    shared: Path,
+    work: Path,
+    rerank_k: int,
+    calibration: SelfCalibrationConfig,
+    variants: int = 0,
+) -> tuple[dict, dict]:
+    """(the sets' figures, per set the raw answers: features, labels, photos and the database's
+    self-calibration answers). For each view: the real photos as queries, then (variants > 0) their
+    perturbed variants (bench.perturbed_queries) against the same database index."""
+    sets, raw = {}, {}
     for view in VIEWS:
         root = make_dataset(work / f"queries-{view}", shared, query_view=view)
-        config = EvalConfig(
-            dataset=root,
-            rerank_k=rerank_k,
-            index_dir=root / "index",
-            place_removed=True,
-            calibration=calibration,
-        )
-        report = evaluate(config, extractor, show_progress=False)
-        sets[f"queries {view}"] = {
-            "queries": report.queries,
-            "database": report.database,
-            "recall_at_1": {"global": report.global_recalls["1"], "reranked": report.reranked_recalls["1"]},
-            "calibration": report.calibration,
-            "answers": {stage: _summary(quality) for stage, quality in report.answers.items()},
-            "reliability": {stage: quality.get("reliability") for stage, quality in report.answers.items()},
-            "place_removed": report.place_removed,
-        }
-    return sets
+        index_dir = root / "index"
+        datasets = [("real", root, None)]
+        if variants:
+            perturbed_root = make_perturbed_dataset(work / f"perturbed-{view}", shared, view, variants)
+            datasets.append(("perturbed", perturbed_root, photo_group))
+        for kind, dataset, group in datasets:
+            config = EvalConfig(
+                dataset=dataset,
+                rerank_k=rerank_k,
+                index_dir=index_dir,
+                place_removed=True,
+                calibration=calibration,
+                query_group=group,
+            )
+            report = evaluate(config, extractor, show_progress=False)
+            name = f"{kind} {view}"
+            sets[name] = {
+                "queries": report.queries,
+                "photos": len({photo_group(q) for q in VPRSplit.load(dataset, "test").queries_paths}),
+                "database": report.database,
+                "recall_at_1": {
+                    "global": report.global_recalls["1"],
+                    "reranked": report.reranked_recalls["1"],
+                },
+                "calibration": report.calibration,
+                "answers": {stage: _summary(quality) for stage, quality in report.answers.items()},
+                "reliability": {
+                    stage: quality.get("reliability") for stage, quality in report.answers.items()
+                },
+                "place_removed": report.place_removed,
+            }
+            paths = VPRSplit.load(dataset, "test").queries_paths
+            raw[name] = _raw(report.top_answers, paths)
+            raw[name]["place_removed"] = _raw(report.top_answers_place_removed, paths)
+        raw[f"self-calibration {view}"] = self_calibration_answers(index_dir, calibration)
+    return sets, raw
 
 
 def _summary(quality: dict) -> dict:
-    out = {
-        key[3:]: {"auc_pr": q["auc_pr"], "recall_at_100_precision": q["recall_at_100_precision"]}
-        for key, q in quality.items()
-        if key.startswith("by_")
+    keep = ("auc_pr", "auc_pr_interval", "recall_at_100_precision")
+    out = {key[3:]: {k: q[k] for k in keep} for key, q in quality.items() if key.startswith("by_")}
+    extra = ("ece", "ece_interval", "ece_if_calibrated", "probability_versus")
+    return out | {k: quality[k] for k in extra if k in quality}
+
+
+def _raw(answers: TopAnswers, paths: list[Path]) -> dict:
+    """Per query: right or wrong, the scores and the calibration's features, and its photo."""
+    return {
+        "photo": [photo_group(p) for p in paths],
+        "right": answers.right,
+        "probability": answers.probability,
+        "global_score": answers.global_score,
+        "confidence": answers.confidence,
+        "features": {
+            stage: [None if x is None else x.tolist() for x in rows]
+            for stage, rows in answers.feature_rows.items()
+        },
     }
-    return out | {"ece": quality.get("ece")}
 
 
-def pooled(sets: dict) -> dict:
-    """ECE of all queries of all sets together (10 bins), from the per-set reliability rows."""
+def self_calibration_answers(index_dir: Path, config: SelfCalibrationConfig) -> list:
+    """The database's self-calibration sample again (the same seed, so the same held-out references):
+    (stage, features, right, leave-one-out?) rows, for fitting alternatives offline."""
+    version = IndexVersion.open_current(index_dir)
+    try:
+        records = version.all_records()
+        global_desc = version.index.reconstruct_n(0, len(records))
+        precision = str(resolve_precision(None, torch.device("cpu"), version.identity.local_shape))
+
+        def read(ids):
+            return torch.from_numpy(version.read_local(list(ids)))
+
+        answers, _ = held_out_answers(records, global_desc, read, precision, config)
+    finally:
+        version.close()
+    return [[stage, x.tolist(), right, normal] for stage, x, right, normal in answers]
+
+
+def pooled(raw: dict) -> dict:
+    """Each kind's sets (real views, perturbed variants) as one: the figures with their intervals
+    (variants of one photo resampled together)."""
     out = {}
-    for stage in ("global", "reranked"):
-        bins: dict[int, list[float]] = {}
-        for data in sets.values():
-            for row in data["reliability"][stage] or []:
-                b = bins.setdefault(round(row["bin"][0] * 10), [0, 0.0, 0.0])
-                b[0] += row["n"]
-                b[1] += row["n"] * row["mean_probability"]
-                b[2] += row["n"] * row["accuracy"]
-        total = sum(b[0] for b in bins.values())
-        ece = sum(abs(b[1] - b[2]) for b in bins.values()) / total if total else None
-        out[stage] = {"queries": total, "ece": None if ece is None else round(ece, 4)}
+    for kind in KINDS:
+        names = [name for name in raw if name.startswith(kind)]
+        if not names:
+            continue
+        joined, groups = TopAnswers(), []
+        for name in names:
+            for stage in ("global", "reranked"):
+                joined.right[stage] += raw[name]["right"][stage]
+                joined.probability[stage] += list(raw[name]["probability"][stage])
+                joined.global_score[stage] += raw[name]["global_score"][stage]
+            joined.confidence += raw[name]["confidence"]
+            groups += raw[name]["photo"]
+        n = len(joined.confidence)
+        quality = answer_quality(joined, np.ones(n, dtype=bool), calibrated=True, groups=groups)
+        out[kind] = {"queries": n, "photos": len(set(groups))}
+        out[kind] |= {stage: _summary(q) for stage, q in quality.items()}
     return out
 
 
@@ -164,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         "--samples", type=int, default=MAX_SAMPLES, help="self-calibration's held-out references"
     )
     parser.add_argument("--candidates", type=int, default=CANDIDATES, help="... and candidates each")
+    parser.add_argument(
+        "--perturbed-variants",
+        type=int,
+        default=0,
+        help="also this many query-like variants of each query photo as queries (bench.perturbed_queries)",
+    )
+    parser.add_argument("--raw", type=Path, help="write per-query features and labels (JSON) here")
     parser.add_argument("--skip-build", action="store_true", help="leave out the build-cost measurement")
     parser.add_argument("--skip-sets", action="store_true", help="leave out the query sets")
     parser.add_argument("--out", type=Path)
@@ -174,11 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     calibration = SelfCalibrationConfig(max_samples=args.samples, candidates=args.candidates)
     build, cost = {}, {}
     try:
-        sets = (
-            {}
+        sets, raw = (
+            ({}, {})
             if args.skip_sets
-            else query_sets(extractor, args.shared_data, work, args.rerank_k, calibration)
+            else query_sets(
+                extractor, args.shared_data, work, args.rerank_k, calibration, args.perturbed_variants
+            )
         )
+        if args.raw:
+            args.raw.write_text(json.dumps(raw) + "\n")
         if not args.skip_build:
             build = build_cost(extractor, args.shared_data, work / "build", calibration)
             cost = localize_cost(Path(build.pop("index_dir")), args.shared_data, extractor)
@@ -189,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": extractor.info.description,
         "rerank_k": args.rerank_k,
         "self_calibration": {"max_samples": args.samples, "candidates": args.candidates},
+        "perturbed_variants": args.perturbed_variants,
         "sets": sets,
-        "pooled": pooled(sets) if sets else {},
+        "pooled": pooled(raw) if raw else {},
         "build": build,
         "localize": cost,
     }

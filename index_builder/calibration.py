@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -229,9 +229,14 @@ def refit_bias(model: LogisticModel, x: np.ndarray, y: np.ndarray, steps: int = 
 
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
-    """Sum over equal-width bins of (share of answers in the bin) x |mean probability - accuracy|."""
-    rows = reliability(p, y, bins)
-    return float(sum(b["count"] * abs(b["mean_probability"] - b["accuracy"]) for b in rows))
+    """Sum over equal-width bins of (share of answers in the bin) x |mean probability - accuracy|, i.e.
+    sum over bins of |sum of probabilities - number right| / n."""
+    p, y = np.asarray(p, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if not len(p):
+        return 0.0
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    gap = np.bincount(which, weights=p, minlength=bins) - np.bincount(which, weights=y, minlength=bins)
+    return float(np.abs(gap).sum() / len(p))
 
 
 def reliability(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[dict[str, Any]]:
@@ -260,17 +265,9 @@ def precision_recall(score: np.ndarray, correct: np.ndarray, relevant: int | Non
     """Top-1 answers accepted from the highest score down (ties together): the precision-recall curve,
     its area (average precision), and the highest recall at 100% precision. Recall's denominator is
     `relevant` (queries that have a true match in the database; default: the correct answers)."""
-    score, correct = np.asarray(score, dtype=np.float64), np.asarray(correct, dtype=bool)
-    relevant = int(correct.sum()) if relevant is None else relevant
-    order = np.argsort(-score, kind="stable")
-    s, c = score[order], correct[order]
-    last_of_tie = np.r_[s[1:] != s[:-1], True] if len(s) else np.array([], dtype=bool)
-    tp, accepted = np.cumsum(c)[last_of_tie], np.nonzero(last_of_tie)[0] + 1
-    precision = tp / np.maximum(accepted, 1)
-    recall = tp / relevant if relevant else np.zeros_like(precision, dtype=np.float64)
-    thresholds = s[last_of_tie]
-    previous = np.r_[0.0, recall[:-1]]
-    auc = float(np.sum((recall - previous) * precision)) if relevant else 0.0
+    relevant = int(np.sum(correct)) if relevant is None else relevant
+    thresholds, precision, recall = _pr_points(score, correct, relevant)
+    auc = _area(precision, recall) if relevant else 0.0
     perfect = recall[precision >= 1.0]
     return {
         "auc_pr": round(auc, 6),
@@ -280,6 +277,84 @@ def precision_recall(score: np.ndarray, correct: np.ndarray, relevant: int | Non
             for t, p, r in zip(thresholds, precision, recall, strict=True)
         ],
     }
+
+
+def _pr_points(
+    score: np.ndarray, correct: np.ndarray, relevant: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, precision, recall) at each distinct score, highest first (ties accepted together)."""
+    score, correct = np.asarray(score, dtype=np.float64), np.asarray(correct, dtype=bool)
+    order = np.argsort(-score, kind="stable")
+    s, c = score[order], correct[order]
+    last_of_tie = np.r_[s[1:] != s[:-1], True] if len(s) else np.array([], dtype=bool)
+    tp, accepted = np.cumsum(c)[last_of_tie], np.nonzero(last_of_tie)[0] + 1
+    precision = tp / np.maximum(accepted, 1)
+    recall = tp / relevant if relevant else np.zeros_like(precision, dtype=np.float64)
+    return s[last_of_tie], precision, recall
+
+
+def _area(precision: np.ndarray, recall: np.ndarray) -> float:
+    """Average precision: the precision at each step, weighted by the recall the step adds."""
+    return float(np.sum((recall - np.r_[0.0, recall[:-1]]) * precision))
+
+
+def average_precision(score: np.ndarray, correct: np.ndarray, relevant: int | None = None) -> float:
+    """precision_recall()'s AUC-PR alone, without the curve (for resampling)."""
+    relevant = int(np.sum(correct)) if relevant is None else relevant
+    if not relevant:
+        return 0.0
+    _, precision, recall = _pr_points(score, correct, relevant)
+    return _area(precision, recall)
+
+
+# --- how far the figures are from noise --------------------------------------------------------------
+
+BOOTSTRAP_DRAWS = 1000
+BOOTSTRAP_SEED = 0
+
+
+def bootstrap_samples(
+    n: int, groups: Sequence[Any] | None = None, draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED
+) -> Iterator[np.ndarray]:
+    """`draws` resamples (indices, with replacement) of n queries. With `groups` (one label per query),
+    whole groups are resampled: variants of one photo are not independent queries, so resampling them
+    one by one would make an interval too narrow."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        for _ in range(draws):
+            yield rng.integers(0, n, size=n)
+        return
+    _, label = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.nonzero(label == g)[0] for g in range(label.max() + 1)]
+    for _ in range(draws):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(members), size=len(members))])
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    groups: Sequence[Any] | None = None,
+    level: float = 0.95,
+    draws: int = BOOTSTRAP_DRAWS,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[float]:
+    """The percentile bootstrap interval [low, high] of statistic(indices of the queries) at `level`."""
+    values = np.array([statistic(i) for i in bootstrap_samples(n, groups, draws, seed)])
+    tail = (1 - level) / 2
+    return [round(float(np.quantile(values, q)), 4) + 0.0 for q in (tail, 1 - tail)]  # + 0.0: no -0.0
+
+
+def ece_if_calibrated(
+    p: np.ndarray, bins: int = 10, draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED
+) -> dict[str, float]:
+    """The ECE a perfectly calibrated predictor would show with these probabilities at this sample size:
+    labels drawn as Bernoulli(p) for the observed p, `draws` times. `mean` is what to expect from noise
+    alone, `upper` its 95th percentile: an observed ECE below `upper` cannot tell miscalibration from
+    chance."""
+    p = np.asarray(p, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    values = np.array([expected_calibration_error(p, rng.random(len(p)) < p, bins) for _ in range(draws)])
+    return {"mean": round(float(values.mean()), 4), "upper": round(float(np.quantile(values, 0.95)), 4)}
 
 
 def threshold_for_precision(score: np.ndarray, correct: np.ndarray, target: float = 0.95) -> float | None:

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,17 @@ from tqdm import tqdm
 
 from index_builder.builder import BuildConfig, build_index
 from index_builder.calibration import (
+    DEFAULT_RADIUS_M,
     STAGES,
     Calibration,
     CandidateView,
     answer_index,
+    average_precision,
+    bootstrap_interval,
+    bootstrap_samples,
+    ece_if_calibrated,
     expected_calibration_error,
+    features,
     precision_recall,
     reliability,
     threshold_for_precision,
@@ -64,6 +70,9 @@ class EvalConfig:
     grace_seconds: float = DEFAULT_GRACE_SECONDS  # for the cached database index's superseded versions
     place_removed: bool = False  # also answer every query with its true places left out of the database
     calibration: SelfCalibrationConfig = field(default_factory=SelfCalibrationConfig)  # the database's
+    # query path -> its group for the bootstrap (queries of one group are resampled together); None:
+    # every query its own
+    query_group: Callable[[Path], str] | None = None
 
 
 @dataclass
@@ -85,9 +94,13 @@ class EvalReport:
     calibration: dict[str, Any] | None = None
     answers: dict[str, Any] = field(default_factory=dict)  # answer_quality(): per stage, PR and ECE
     place_removed: dict[str, Any] | None = None  # place_removed_quality()
+    # per query, normal and with the true places removed (for pooling sets); not in to_dict()
+    top_answers: TopAnswers | None = None
+    top_answers_place_removed: TopAnswers | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("global_recalls", "reranked_recalls")}
+        dropped = ("global_recalls", "reranked_recalls", "top_answers", "top_answers_place_removed")
+        out = {k: v for k, v in self.__dict__.items() if k not in dropped}
         return {**out, "global": self.global_recalls, "reranked": self.reranked_recalls}
 
 
@@ -99,10 +112,14 @@ class TopAnswers:
     probability: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
     global_score: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
     confidence: list[float] = field(default_factory=list)  # the re-ranked answer's (search.py's)
+    # the calibration's features of each answer (None: nothing located), to compare other fits offline
+    feature_rows: dict[str, list[np.ndarray | None]] = field(default_factory=lambda: {s: [] for s in STAGES})
 
     def add(self, view: CandidateView, calibration: Calibration | None, right: np.ndarray) -> None:
         """`right`: per candidate of `view`, whether it is a true match of the query."""
+        radius_m = calibration.radius_m if calibration else DEFAULT_RADIUS_M
         for stage in STAGES:
+            self.feature_rows[stage].append(features(view, stage, radius_m))
             top = answer_index(view, stage)
             self.right[stage].append(top is not None and bool(right[top]))
             self.global_score[stage].append(float(view.scores[top]) if top is not None else -1.0)
@@ -114,23 +131,76 @@ class TopAnswers:
         self.confidence.append(min(1.0, share))
 
 
-def answer_quality(answers: TopAnswers, relevant: int, calibrated: bool) -> dict[str, Any]:
+def answer_quality(
+    answers: TopAnswers, has_positive: np.ndarray, calibrated: bool, groups: Sequence[Any] | None = None
+) -> dict[str, Any]:
     """VPR-Bench style, per stage: precision-recall of the top-1 answers ranked by each score (AUC-PR,
-    recall at 100% precision, the curve), and for the probability its ECE and reliability table."""
+    recall at 100% precision, the curve), and for the probability its ECE and reliability table. With
+    each figure, how uncertain it is at this sample size: a 95% bootstrap interval over the queries
+    (`groups`: queries resampled together, e.g. variants of one photo); for the ECE also what a perfectly
+    calibrated predictor would show (ece_if_calibrated); for the probability, its AUC-PR minus each other
+    score's on the same resamples (paired, so the queries' shared difficulty cancels)."""
+    has_positive = np.asarray(has_positive, dtype=bool)
     out: dict[str, Any] = {}
     for stage in STAGES:
-        right = np.array(answers.right[stage])
-        by = {"global_score": answers.global_score[stage]}
+        right = np.array(answers.right[stage], dtype=bool)
+        by = {"global_score": np.array(answers.global_score[stage])}
         if stage == "reranked":
-            by["confidence"] = answers.confidence
+            by["confidence"] = np.array(answers.confidence)
         if calibrated:
-            by["probability"] = answers.probability[stage]
-        out[stage] = {f"by_{k}": precision_recall(np.array(v), right, relevant) for k, v in by.items()}
+            by["probability"] = np.array(answers.probability[stage])
+        out[stage] = {}
+        for name, score in by.items():
+            quality = precision_recall(score, right, int(has_positive.sum()))
+            quality["auc_pr_interval"] = _auc_interval(score, right, has_positive, groups)
+            out[stage][f"by_{name}"] = quality
         if calibrated:
-            p = np.array(answers.probability[stage])
+            p = by["probability"]
             out[stage]["ece"] = round(expected_calibration_error(p, right), 4)
+            out[stage]["ece_interval"] = bootstrap_interval(
+                lambda i, p=p, right=right: expected_calibration_error(p[i], right[i]), len(p), groups
+            )
+            out[stage]["ece_if_calibrated"] = ece_if_calibrated(p)
             out[stage]["reliability"] = reliability(p, right)
+            out[stage]["probability_versus"] = {
+                name: _auc_difference(by["probability"], score, right, has_positive, groups)
+                for name, score in by.items()
+                if name != "probability"
+            }
     return out
+
+
+def _auc_interval(
+    score: np.ndarray, right: np.ndarray, has_positive: np.ndarray, groups: Sequence[Any] | None
+) -> list[float]:
+    def auc(i: np.ndarray) -> float:
+        return average_precision(score[i], right[i], int(has_positive[i].sum()))
+
+    return bootstrap_interval(auc, len(score), groups)
+
+
+def _auc_difference(
+    probability: np.ndarray,
+    other: np.ndarray,
+    right: np.ndarray,
+    has_positive: np.ndarray,
+    groups: Sequence[Any] | None,
+) -> dict[str, Any]:
+    """AUC-PR by probability minus by `other`, its paired 95% bootstrap interval, and the share of
+    resamples where the probability ranks strictly better."""
+
+    def difference(i: np.ndarray) -> float:
+        relevant = int(has_positive[i].sum())
+        return average_precision(probability[i], right[i], relevant) - average_precision(
+            other[i], right[i], relevant
+        )
+
+    draws = np.array([difference(i) for i in bootstrap_samples(len(right), groups)])
+    return {
+        "difference": round(difference(np.arange(len(right))), 4),
+        "interval": [round(float(np.quantile(draws, q)), 4) + 0.0 for q in (0.025, 0.975)],
+        "share_better": round(float(np.mean(draws > 0)), 4),
+    }
 
 
 def place_removed_quality(normal: TopAnswers, removed: TopAnswers, precision: float = 0.95) -> dict[str, Any]:
@@ -203,7 +273,8 @@ def evaluate(
     finally:
         version.close()
     timings["queries"] = time.perf_counter() - started - timings["encode_database"]
-    relevant = sum(1 for p in positives if len(p))
+    has_positive = np.array([len(p) > 0 for p in positives], dtype=bool)
+    groups = [config.query_group(p) for p in split.queries_paths] if config.query_group else None
     ns = sorted(config.recalls)
     as_dataset = [order[p] for p in predictions_global], [order[p] for p in predictions_reranked]
     return EvalReport(
@@ -221,8 +292,10 @@ def evaluate(
         reranked_recalls=recall_at(as_dataset[1], positives, ns),
         timings_s={k: round(v, 2) for k, v in timings.items()},
         calibration=calibration.summary() if calibration else None,
-        answers=answer_quality(normal, relevant, calibration is not None),
+        answers=answer_quality(normal, has_positive, calibration is not None, groups),
         place_removed=place_removed_quality(normal, removed) if removed and calibration else None,
+        top_answers=normal,
+        top_answers_place_removed=removed,
     )
 
 

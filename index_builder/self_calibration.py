@@ -25,6 +25,7 @@ from index_builder.calibration import (
     DEFAULT_RADIUS_M,
     Calibration,
     Locations,
+    Stage,
     fit_answers,
     labelled_answers,
 )
@@ -61,9 +62,32 @@ def self_calibrate(
     """(calibration, note): the fitted calibration, or None and why the version stays uncalibrated."""
     config = config or SelfCalibrationConfig()
     started = time.perf_counter()
+    located = sum(1 for r in records if r.utm_east is not None)
+    if located < config.min_located:
+        return None, f"uncalibrated: {located} located references, at least {config.min_located} needed"
+    answers, held_out = held_out_answers(records, global_desc, read_local, precision, config)
+    source = f"leave-one-out over {held_out} of {located} located references" + (
+        ", each also with its place removed" if config.place_removed else ""
+    )
+    calibration, reason = fit_answers(
+        answers, "self", config.radius_m, source, encoding_fingerprint, config.min_located
+    )
+    if calibration is None:
+        return None, f"uncalibrated: {reason}"
+    calibration.seconds = round(time.perf_counter() - started, 3)
+    return calibration, f"self-calibrated on {calibration.samples} answers"
+
+
+def held_out_answers(
+    records: Sequence[ImageRecord],
+    global_desc: np.ndarray,
+    read_local: LocalReader,
+    precision: str | None,
+    config: SelfCalibrationConfig,
+) -> tuple[list[tuple[Stage, np.ndarray, float, bool]], int]:
+    """The labelled answers (calibration.labelled_answers rows) of the sampled located references, and
+    how many references were held out."""
     located = [r for r in records if r.utm_east is not None]
-    if len(located) < config.min_located:
-        return None, f"uncalibrated: {len(located)} located references, at least {config.min_located} needed"
     locations = Locations.of(records)
     hashes = np.array([r.content_hash for r in records])
     rng = np.random.default_rng(config.seed)
@@ -76,16 +100,7 @@ def self_calibrate(
             for i in sorted(picked.tolist())
             for answer in _answers(unique[i], hashes, locations, global_desc, counter, config)
         ]
-    source = f"leave-one-out over {len(picked)} of {len(located)} located references" + (
-        ", each also with its place removed" if config.place_removed else ""
-    )
-    calibration, reason = fit_answers(
-        answers, "self", config.radius_m, source, encoding_fingerprint, config.min_located
-    )
-    if calibration is None:
-        return None, f"uncalibrated: {reason}"
-    calibration.seconds = round(time.perf_counter() - started, 3)
-    return calibration, f"self-calibrated on {calibration.samples} answers"
+    return answers, len(picked)
 
 
 @contextmanager

@@ -135,13 +135,27 @@ def answers_table(report: EvalReport) -> list[str]:
     and reliability; the place-removed run's rejections."""
     if not report.answers:
         return []
-    rows = ["", "top-1 answers ranked by   AUC-PR   R@100%P", *_score_rows(report)]
+    rows = ["", "top-1 answers ranked by   AUC-PR (95% interval)   R@100%P", *_score_rows(report)]
     if report.calibration is None:
         return [*rows, "uncalibrated index: no probability to evaluate"]
     rows.append(f"calibration {report.calibration['id']}: {report.calibration['source']}")
     for stage in ("global", "reranked"):
         quality = report.answers[stage]
-        rows.append(f"{stage} probability: ECE {quality['ece']:.3f} over 10 bins; reliability:")
+        for other, versus in quality["probability_versus"].items():
+            low, high = versus["interval"]
+            rows.append(
+                f"{stage} AUC-PR by probability minus by {other}: {versus['difference']:+.3f} "
+                f"[{low:+.3f}, {high:+.3f}], better in {100 * versus['share_better']:.0f}% of resamples"
+            )
+    for stage in ("global", "reranked"):
+        quality = report.answers[stage]
+        low, high = quality["ece_interval"]
+        noise = quality["ece_if_calibrated"]
+        rows.append(
+            f"{stage} probability: ECE {quality['ece']:.3f} [{low:.3f}, {high:.3f}] over 10 bins; a "
+            f"perfectly calibrated one would show {noise['mean']:.3f} (95% below {noise['upper']:.3f}); "
+            "reliability:"
+        )
         rows += [
             f"  [{b['bin'][0]:.1f}, {b['bin'][1]:.1f}) n={b['n']:<4} mean p {b['mean_probability']:.3f}"
             f"  right {b['accuracy']:.3f}"
@@ -164,7 +178,9 @@ def _score_rows(report: EvalReport) -> list[str]:
         for key, quality in report.answers[stage].items():
             if key.startswith("by_"):
                 auc, at_100 = quality["auc_pr"], quality["recall_at_100_precision"]
-                rows.append(f"  {stage:9} {key[3:]:14} {auc:7.3f} {at_100:9.3f}")
+                low, high = quality["auc_pr_interval"]
+                interval = f"[{low:.3f}, {high:.3f}]"
+                rows.append(f"  {stage:9} {key[3:]:14} {auc:7.3f} {interval:16} {at_100:9.3f}")
     return rows
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.commands.evaluate import answers_table
 from bench.shared_dataset import make_dataset
 from index_builder.builder import BuildConfig, build_index
 from index_builder.calibration import SUPPLIED_FILE
@@ -91,6 +92,19 @@ def test_eval_reports_precision_recall_calibration_and_place_removed(dataset, ex
     removed = report.place_removed["reranked"]
     assert removed["queries"] == 10 and removed["wrong_anyway"] == 10  # every answer is some other place
     assert removed["rejected"] is not None and removed["rejected"] >= 0.5
+    # how uncertain the figures are, in the JSON and the printed table
+    low, high = reranked["ece_interval"]
+    assert 0.0 <= low <= high <= 1.0
+    noise = reranked["ece_if_calibrated"]
+    assert 0.0 <= noise["mean"] <= noise["upper"] <= 1.0
+    for key in ("by_probability", "by_confidence", "by_global_score"):
+        low, high = reranked[key]["auc_pr_interval"]
+        assert 0.0 <= low <= high <= 1.0
+    versus = reranked["probability_versus"]["confidence"]
+    assert versus["interval"][0] <= versus["interval"][1] and 0.0 <= versus["share_better"] <= 1.0
+    printed = "\n".join(answers_table(report))
+    assert f"ECE {reranked['ece']:.3f} [" in printed and "a perfectly calibrated one would show" in printed
+    assert "reranked AUC-PR by probability minus by confidence" in printed
     json.dumps(report.to_dict())
 
 
