@@ -183,7 +183,7 @@ def published_version(index_dir: Path) -> tuple[str, int]:
     name = current_version_name(index_dir)
     if name is None:
         raise ValueError(f"no published index in {index_dir} ({NO_INDEX_HINT}); --engine ray serves one")
-    version = IndexVersion(index_dir, name, load_global=False)
+    version = IndexVersion(index_dir, name, load_global=False, only_ids=NO_MAPS)
     try:
         return name, max(1, len(version.manifest.location_shards))
     finally:
