@@ -18,6 +18,7 @@ from index_builder.builder import BuildConfig, build_index
 from index_builder.shard_search import ShardSearcher
 from index_builder.sharding import Reference, ShardPlan, partition
 from index_builder.store import IndexStoreError, IndexVersion, current_version_name, segment_dir, sha256_file
+from index_builder.store.integrity import verify_version
 from index_builder.store.location_shards import index_file, rows_file, write_location_shards
 from index_builder.store.metadata import METADATA_FILE
 from index_builder.store.versions import GLOBAL_INDEX_FILE
@@ -107,6 +108,9 @@ def test_a_damaged_id_table_is_a_clear_error(sharded_shared_indexes, tmp_path):
     np.save(table, np.concatenate([rows, rows], axis=1))
     with pytest.raises(IndexStoreError, match="shard-00 does not match its manifest"):
         ShardSearcher.open_alone(index_dir, name, 0)
+    manifest = IndexVersion(index_dir, name, load_global=False, shard=1).manifest
+    checked = verify_version(index_dir, manifest)
+    assert checked.problems == [f"checksum mismatch versions/{name}/shard-00.rows.npy"]
     np.save(table, np.array([{"a": 1}] * len(rows), dtype=object), allow_pickle=True)
     with pytest.raises(IndexStoreError, match="shard-00 is damaged"):  # never unpickled
         ShardSearcher.open_alone(index_dir, name, 0)
