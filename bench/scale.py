@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,8 +35,17 @@ from bench.common import machine
 from index_builder.global_index import GlobalIndexConfig
 from index_builder.manifest import CheckpointRecord, EncodingIdentity, IndexManifest
 from index_builder.sharding import BoundingBox, ShardPlan, shard_key
-from index_builder.store import SEGMENTS, ImageRecord, IndexVersion, SegmentImage, encode_local, write_segment
-from index_builder.store.location_shards import ids_file, index_file
+from index_builder.store import (
+    SEGMENTS,
+    ImageRecord,
+    IndexVersion,
+    SegmentImage,
+    encode_local,
+    read_segment_meta,
+    segment_dir,
+    write_segment,
+)
+from index_builder.store.location_shards import ids_file, index_file, rows_file
 from index_builder.store.metadata import write_metadata
 from index_builder.store.versions import CURRENT, VERSIONS
 
@@ -48,8 +58,13 @@ def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return x
 
 
-def write_synthetic_index(root: Path, images: int, shards: int, dim: int, map_shape, pool: int) -> dict:
-    """A published version with `images` references in `shards` location shards; returns what it cost."""
+def write_synthetic_index(
+    root: Path, images: int, shards: int, dim: int, map_shape, pool: int, layout: str = "own"
+) -> dict:
+    """A published version with `images` references in `shards` location shards; returns what it cost.
+    layout "own": each shard's maps in a segment of its own, with its own id table (shard-NN.rows.npy),
+    as builds write them now; "shared": one segment for all and no id tables, as builds wrote them
+    before shards owned their files (a shard's server then reads its rows of meta.sqlite)."""
     started = time.monotonic()
     rng = np.random.default_rng(0)
     identity = EncodingIdentity(
@@ -63,16 +78,19 @@ def write_synthetic_index(root: Path, images: int, shards: int, dim: int, map_sh
         feature_block="final",
     )
     maps = torch.nn.functional.normalize(torch.randn(pool, *map_shape), dim=-1).numpy()
-    segment = write_segment(
-        root / SEGMENTS,
-        identity,
-        [SegmentImage(f"pool{i}", 224, 224, None) for i in range(pool)],
-        {"global": _unit(rng, pool, dim), **encode_local(maps, "int8")},
-    )
+    pool_arrays = {"global": _unit(rng, pool, dim), **encode_local(maps, "int8")}
+    pool_images = [SegmentImage(f"pool{i}", 224, 224, None) for i in range(pool)]
+    segments = [
+        write_segment(root / SEGMENTS, identity, pool_images, pool_arrays)
+        for _ in range(shards if layout == "own" else 1)
+    ]
     version_dir = root / VERSIONS / "v000001"
     version_dir.mkdir(parents=True)
     lats = CITY_LAT + rng.uniform(0, 0.2, images)
     lons = CITY_LON + rng.uniform(0, 0.2, images)
+    bounds = np.linspace(0, images, shards + 1).astype(int)
+    shard_of = np.repeat(np.arange(shards), np.diff(bounds))  # location shards: contiguous id ranges
+    segment_of = shard_of if layout == "own" else np.zeros(images, dtype=np.int64)
     write_metadata(
         version_dir / "meta.sqlite",
         (
@@ -92,13 +110,12 @@ def write_synthetic_index(root: Path, images: int, shards: int, dim: int, map_sh
                 location_source="synthetic",
                 exif_location=None,
                 added_at="",
-                segment=segment,
+                segment=segments[segment_of[i]],
                 row=i % pool,
             )
             for i in range(images)
         ),
     )
-    bounds = np.linspace(0, images, shards + 1).astype(int)
     plans = []
     for k in range(shards):
         lo, hi = int(bounds[k]), int(bounds[k + 1])
@@ -106,28 +123,84 @@ def write_synthetic_index(root: Path, images: int, shards: int, dim: int, map_sh
         for start in range(lo, hi, 100_000):
             index.add(_unit(rng, min(100_000, hi - start), dim))
         faiss.write_index(index, str(version_dir / index_file(shard_key(k))))
-        np.save(version_dir / ids_file(shard_key(k)), np.arange(lo, hi, dtype=np.int64))
+        ids = np.arange(lo, hi, dtype=np.int64)
+        np.save(version_dir / ids_file(shard_key(k)), ids)
+        own: tuple[str, ...] = ()
+        if layout == "own":
+            own = (segments[k],)
+            table = np.stack([np.zeros_like(ids), ids % pool], axis=1)  # (segment position, row)
+            np.save(version_dir / rows_file(shard_key(k)), table)
         box = BoundingBox(
             float(lats[lo:hi].min()),
             float(lats[lo:hi].max()),
             float(lons[lo:hi].min()),
             float(lons[lo:hi].max()),
         )
-        plans.append(ShardPlan(shard_key(k), k, k + 1, hi - lo, hi - lo, box))  # ranges: ids, not cells
+        plans.append(ShardPlan(shard_key(k), k, k + 1, hi - lo, hi - lo, box, own))  # ranges: ids, not cells
     manifest = IndexManifest(
         encoding=identity,
         checkpoint=CheckpointRecord("synthetic", "synthetic", "synthetic descriptors", "synthetic"),
         references="synthetic",
         count=images,
         global_index=GlobalIndexConfig(),
-        segments=[],
+        segments=[read_segment_meta(segment_dir(root, s)).entry(s) for s in segments],
         location_shards=plans,
         version="v000001",
     )
     manifest.write(version_dir / "manifest.json")
     (root / CURRENT).write_text("v000001\n")
     disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    return {"write_s": round(time.monotonic() - started, 1), "disk_bytes": disk}
+    return {"write_s": round(time.monotonic() - started, 1), "disk_bytes": disk, "layout": layout}
+
+
+def open_one_shard(index_dir: Path, version: str, position: int) -> float:
+    """Seconds to open one location shard as its server does (ShardSearcher.open_alone), and to count one
+    candidate (its first reference) so that reading a map is part of it."""
+    from index_builder.shard_search import ShardSearcher
+    from model.matching.precision import Precision
+
+    started = time.perf_counter()
+    searcher = ShardSearcher.open_alone(index_dir, version, position)
+    query = torch.from_numpy(searcher.version.read_local(searcher.ids[:1].tolist())[0])
+    searcher.counts(query, searcher.ids[:1].tolist(), Precision.FLOAT32)
+    return time.perf_counter() - started
+
+
+def shard_opening(index_dir: Path, version: str, position: int) -> dict:
+    """One shard opened outside Ray, in a fresh process: how long it takes (imports not counted), and
+    which files of the index it opens (every successful open(2) of the process, traced with strace) and
+    their bytes."""
+    child = [
+        sys.executable,
+        "-c",
+        "import sys; from pathlib import Path; from bench.scale import open_one_shard; "
+        "print(open_one_shard(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))",
+        str(index_dir),
+        version,
+        str(position),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    seconds = float(subprocess.run(child, env=env, check=True, capture_output=True, text=True).stdout)
+    trace = index_dir.parent / f"{index_dir.name}.strace"
+    traced = ["strace", "-f", "-qq", "-e", "trace=open,openat", "-o", str(trace), *child]
+    subprocess.run(traced, env=env, check=True, capture_output=True, text=True)
+    opened = sorted(_opened_files(trace.read_text(), index_dir))
+    trace.unlink()
+    sizes = {path: (index_dir / path).stat().st_size for path in opened}
+    return {"open_s": round(seconds, 2), "files": sizes, "bytes": sum(sizes.values())}
+
+
+def _opened_files(trace: str, index_dir: Path) -> set[str]:
+    """Paths under index_dir (relative) that a traced process opened successfully."""
+    prefix = f'"{index_dir.resolve()}/'
+    opened = set()
+    for line in trace.splitlines():
+        if prefix not in line or "= -1" in line:
+            continue
+        path = line.split(prefix, 1)[1].split('"', 1)[0]
+        if (index_dir / path).is_file():
+            opened.add(path)
+    return opened
 
 
 class _Response:
@@ -246,8 +319,11 @@ def run(args: argparse.Namespace) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         report["index"] = write_synthetic_index(
-            work, args.images, args.shards, args.dim, map_shape, args.pool
+            work, args.images, args.shards, args.dim, map_shape, args.pool, args.layout
         )
+        report["shard_opening"] = shard_opening(work, "v000001", 0)
+        if args.opening_only:
+            return report
         started = time.monotonic()
         ray.init(
             num_cpus=2,
@@ -328,7 +404,8 @@ def run(args: argparse.Namespace) -> dict:
         index.close()
     finally:
         try:
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
         finally:
             ray.shutdown()
             shutil.rmtree(work, ignore_errors=True)
@@ -352,6 +429,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--work-dir", default=None, help="where the synthetic index is written (removed after)"
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("own", "shared"),
+        default="own",
+        help="own: each shard its own segment and id table (builds now); shared: one segment and the "
+        "version's id map for all (versions built before shards owned their files)",
+    )
+    parser.add_argument(
+        "--opening-only", action="store_true", help="measure opening one shard outside Ray, then stop"
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ from index_builder.store import (
 from index_builder.store.cleanup import UnpublishedCleanup
 from index_builder.store.integrity import files_intact
 from index_builder.store.location_shards import write_location_shards
+from index_builder.store.shard_segments import place_in_shards
 from index_builder.store.space import build_bytes_needed
 from model.extractor import FeatureExtractor
 from model.matching.defaults import resolve_precision
@@ -282,6 +283,9 @@ def publish(
     records = _records(
         scanned.images, scanned.hashes, planned.available, scanned.csv_entries, previous_records
     )
+    partition = _location_partition(config, previous, records)
+    if partition is not None:  # each shard's maps into segments of its own
+        records, partition = _place_in_shards(config, planned.identity, records, partition)
     global_desc = _global_descriptors(index_dir, records, planned.identity.global_dim)
     segments = sorted({r.segment for r in records})
     report = BuildReport(
@@ -299,7 +303,6 @@ def publish(
     )
     calibration, note = _calibrate(config, planned.identity, records, global_desc)
     report.calibration_seconds = calibration.seconds if calibration else 0.0
-    partition = _location_partition(config, previous, records)
     manifest = IndexManifest(
         encoding=planned.identity,
         checkpoint=CheckpointRecord(
@@ -321,7 +324,7 @@ def publish(
     def write_location_files(version_dir: Path) -> list[str]:
         if partition is None:
             return []
-        return write_location_shards(version_dir, partition, global_desc, config.global_index)
+        return write_location_shards(version_dir, partition, global_desc, config.global_index, records)
 
     published = publish_version(
         index_dir,
@@ -388,6 +391,19 @@ def _location_partition(
         raise ValueError(_EXACT_SHARDS_ONLY.format(kind=config.global_index.kind))
     references = [Reference(r.id, r.content_hash, r.lat, r.lon) for r in records]
     return partition(references, shards)
+
+
+def _place_in_shards(
+    config: BuildConfig, identity: EncodingIdentity, records: list[ImageRecord], partition: Partition
+) -> tuple[list[ImageRecord], Partition]:
+    """The records with every reference in a segment of its own shard (store/shard_segments.py), and the
+    partition with each shard's segments."""
+    placed = place_in_shards(
+        config.index_dir, identity, records, partition.assignment, len(partition.shards), config.segment_size
+    )
+    log.info("location shards: %d stored maps copied into their shard's segments", placed.copied)
+    shards = [replace(s, segments=own) for s, own in zip(partition.shards, placed.segments, strict=True)]
+    return placed.records, Partition(shards, partition.assignment)
 
 
 def encoding_identity(extractor: FeatureExtractor, local_dtype: str) -> EncodingIdentity:

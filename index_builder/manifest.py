@@ -5,7 +5,8 @@
 `encoding` says what the features were computed with (indexes of different encodings never mix),
 `checkpoint` what to load to search it, `segments` which feature segments it uses, `report` how it was built,
 `location_shards` (empty unless built with `--shards N`) how its references are split into location
-shards, each with its own global index (`shard-00.faiss`) and ids (`shard-00.ids.npy`) in the version.
+shards, each with its own global index (`shard-00.faiss`), ids (`shard-00.ids.npy`) and id table
+(`shard-00.rows.npy`) in the version, and its own feature segments (listed in its entry).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ from index_builder.sharding import ShardPlan
 from model.config import FINAL, FeatureBlock
 
 FORMAT = "selavpr-index"
-FORMAT_VERSION = 2  # 2: feature segments (`segments`); 1 called them `shards` and still reads
+# 3: location shards own their segments and id tables (ShardPlan.segments, shard-00.rows.npy);
+# 2: feature segments (`segments`); 1 called them `shards`. All three still read.
+FORMAT_VERSION = 3
+SHARED_SEGMENTS_FORMAT = 2  # what a version whose files no shard owns is written as (older releases read it)
 MANIFEST_FILE = "manifest.json"
 
 
@@ -112,7 +116,9 @@ class IndexManifest:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
+        owned = any(shard.owns_files for shard in self.location_shards)
+        format_version = FORMAT_VERSION if owned else SHARED_SEGMENTS_FORMAT
+        return {"format": FORMAT, "format_version": format_version, **data}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> IndexManifest:

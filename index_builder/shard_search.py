@@ -16,14 +16,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from index_builder.global_index import search as faiss_search
+from index_builder.manifest import IndexManifest
 from index_builder.sharding import LocationPrior, shard_key, shards_for
 from index_builder.store import IndexVersion
 from index_builder.store.location_shards import read_location_shard
+from index_builder.store.versions import VERSIONS
 from model.matching import mnn_scores
 from model.matching.precision import Precision
 from model.matching.refine import RecountPolicy, refine
@@ -82,6 +85,21 @@ class ShardSearcher:
         shard = version.manifest.location_shards[position]
         index, ids = read_location_shard(version.dir, shard, version.manifest.global_index)
         return cls(version, position, index, ids)
+
+    @classmethod
+    def open_alone(cls, index_dir: Path, version: str, position: int) -> ShardSearcher:
+        """One location shard's server (a Ray shard replica): its global index and ids, and its own id
+        table and segments; nothing of the other shards, and not the version-wide global index or id map
+        (meta.sqlite), unless the version was written before shards owned their files (then its rows of
+        the id map). An unsharded version is the one shard, opened whole."""
+        if not IndexManifest.read(Path(index_dir) / VERSIONS / version).location_shards:
+            return cls.whole(IndexVersion(Path(index_dir), version))
+        opened = IndexVersion(Path(index_dir), version, load_global=False, shard=position)
+        try:
+            return cls.open(opened, position)
+        except BaseException:
+            opened.close()
+            raise
 
     @classmethod
     def whole(cls, version: IndexVersion) -> ShardSearcher:

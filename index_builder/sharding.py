@@ -83,6 +83,9 @@ class ShardPlan:
     count: int  # references it holds
     located: int  # of which with a location
     box: BoundingBox | None  # bounds of the located ones; None when it holds none
+    # the feature segments holding its references' maps, no other shard's (store/shard_segments.py);
+    # empty in versions written before shards owned their files (they share the version's segments)
+    segments: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +93,13 @@ class ShardPlan:
     @classmethod
     def from_dict(cls, data: dict) -> ShardPlan:
         box = data.get("box")
-        return cls(**{**data, "box": BoundingBox(**box) if box else None})
+        segments = tuple(str(s) for s in data.get("segments", ()))
+        return cls(**{**data, "box": BoundingBox(**box) if box else None, "segments": segments})
+
+    @property
+    def owns_files(self) -> bool:
+        """Whether its maps are in segments of its own, with its own id table (shard-NN.rows.npy)."""
+        return bool(self.segments)
 
 
 @dataclass(frozen=True)

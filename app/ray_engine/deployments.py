@@ -29,13 +29,11 @@ from app.ray_engine.remote_search import ShardReply
 from app.ray_engine.service import RayVPRService
 from app.service import served_extractor
 from app.settings import Settings
-from index_builder.manifest import IndexManifest
 from index_builder.search import check_compatible, hold_maps_resident
 from index_builder.shard_search import ShardSearcher
 from index_builder.sharding import shard_key
-from index_builder.store import IndexStoreError, IndexVersion, current_version_name
-from index_builder.store.location_shards import ids_file
-from index_builder.store.versions import NO_INDEX_HINT, VERSIONS
+from index_builder.store import IndexVersion, current_version_name
+from index_builder.store.versions import NO_INDEX_HINT
 from model.matching.compact import CompactQuery, check_precision
 from model.matching.precision import Precision
 
@@ -105,7 +103,7 @@ class ShardServer:
         with self._opening:
             if version not in self.searchers:
                 started = time.perf_counter()
-                searcher = _open_shard(self.index_dir, version, self.position)
+                searcher = ShardSearcher.open_alone(self.index_dir, version, self.position)
                 held = hold_maps_resident(
                     searcher.version, self.device, self.resident_max_bytes, searcher.ids
                 )
@@ -180,28 +178,12 @@ def _shard_device(device: str) -> torch.device:
     return resolved
 
 
-def _open_shard(index_dir: Path, version: str, position: int) -> ShardSearcher:
-    """A version's part of one location shard: its global index and ids, and of the id map and the
-    segment files only what its own references need (IndexVersion only_ids)."""
-    version_dir = index_dir / VERSIONS / version
-    shards = IndexManifest.read(version_dir).location_shards
-    if not shards:  # unsharded: the whole index is this one shard, with the version's global index
-        return ShardSearcher.whole(IndexVersion(index_dir, version))
-    if position >= len(shards):
-        raise ValueError(f"{version} has {len(shards)} location shards, not {shard_key(position)}")
-    try:
-        own = np.load(version_dir / ids_file(shards[position].key), allow_pickle=False)
-    except (OSError, ValueError):
-        raise IndexStoreError(f"{version}: location shard {shard_key(position)} is damaged") from None
-    return ShardSearcher.open(IndexVersion(index_dir, version, load_global=False, only_ids=own), position)
-
-
 def published_version(index_dir: Path) -> tuple[str, int]:
     """The published version's name and its number of location shards (an unsharded index: one)."""
     name = current_version_name(index_dir)
     if name is None:
         raise ValueError(f"no published index in {index_dir} ({NO_INDEX_HINT}); --engine ray serves one")
-    version = IndexVersion(index_dir, name, load_global=False)
+    version = IndexVersion(index_dir, name, load_global=False, only_ids=NO_MAPS)
     try:
         return name, max(1, len(version.manifest.location_shards))
     finally:

@@ -1,8 +1,10 @@
 """The index on disk: immutable feature segments shared by versions, versions published by a pointer swap.
+A sharded version's segments each belong to one location shard (shard_segments.py).
 
     INDEX_DIR/
       CURRENT                  the published version's name, replaced atomically
       versions/v000007/        manifest.json, global.faiss, meta.sqlite      (versions.py, metadata.py)
+                               shard-00.faiss, .ids.npy, .rows.npy           (location_shards.py)
       segments/g-<id>/         meta.json, global.npy, local.npy, scale.npy   (segments.py, codec.py)
       .build.lock              held by the one build running                 (maintenance.py)
 

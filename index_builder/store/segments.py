@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from index_builder.errors import IndexStoreError
-from index_builder.manifest import FORMAT, FORMAT_VERSION, EncodingIdentity, SegmentEntry
+from index_builder.manifest import FORMAT, EncodingIdentity, SegmentEntry
 from index_builder.store.codec import decode_local
 from index_builder.store.files import fsync_dir, fsync_tree, sha256_file, write_json
 
@@ -33,6 +33,7 @@ SEGMENT_FOLDERS = (SEGMENTS, LEGACY_SEGMENTS)
 _LEGACY_PREFIX = "s-"
 TMP_PREFIX = ".tmp-"
 META_FILE = "meta.json"
+SEGMENT_FORMAT_VERSION = 2  # a segment's meta.json has not changed since the manifest's format 2
 
 
 def segment_dir(index_dir: Path, name: str) -> Path:
@@ -77,7 +78,7 @@ def write_segment(
         files[path.name] = sha256_file(path)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": SEGMENT_FORMAT_VERSION,
         "encoding": identity.to_dict(),
         "count": len(images),
         "images": [asdict(image) for image in images],

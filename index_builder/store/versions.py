@@ -2,7 +2,7 @@
 
     INDEX_DIR/
       CURRENT                  the published version's name, replaced atomically
-      versions/v000007/        manifest.json, global.faiss, meta.sqlite
+      versions/v000007/        manifest.json, global.faiss, meta.sqlite (+ shard-NN.* files when sharded)
 
 A reader opens one version and keeps it (its files stay readable after they are unlinked).
 """
@@ -25,8 +25,10 @@ from index_builder.calibration import Calibration, Locations, served_calibration
 from index_builder.errors import IndexNotFound, IndexStoreError
 from index_builder.global_index import read_global_index, write_global_index
 from index_builder.manifest import MANIFEST_FILE, IndexManifest
+from index_builder.sharding import ShardPlan, shard_key
 from index_builder.store.codec import decode_local, decode_local_on
 from index_builder.store.files import fsync_dir, fsync_file, fsync_tree, now_iso, sha256_file
+from index_builder.store.location_shards import ShardRows, ids_file, read_shard_rows
 from index_builder.store.metadata import (
     METADATA_FILE,
     ImageRecord,
@@ -127,14 +129,22 @@ class IndexVersion:
     """One published version, opened for searching. It stays usable while newer versions appear."""
 
     def __init__(
-        self, index_dir: Path, name: str, load_global: bool = True, only_ids: np.ndarray | None = None
+        self,
+        index_dir: Path,
+        name: str,
+        load_global: bool = True,
+        only_ids: np.ndarray | None = None,
+        shard: int | None = None,
     ) -> None:
         """load_global=False leaves the version-wide global index unread (None): a location shard's
         server reads only its own, and a Ray router none. only_ids: the images whose local maps this
-        reader expects to read (a location shard's server: its own; the Ray ingress: none, an empty
-        array); only their rows of the id map are read at opening, and only the segment files they are
-        in are opened; another image's row (and file) is looked up when it is first read. Default: all,
-        at opening."""
+        reader expects to read (the Ray ingress: none, an empty array); only their rows of the id map
+        are read at opening, and only the segment files they are in are opened; another image's row
+        (and file) is looked up when it is first read. Default: all, at opening.
+        shard: a reader for location shard `shard`'s server, which reads only that shard's maps: its own
+        id table and segments (store/location_shards.py), never meta.sqlite, when the shard owns its
+        files; in a version written before shards did, only_ids = its ids, from meta.sqlite. Such a
+        reader has no image records (`records`, `locations`: the ingress answers with those)."""
         self.index_dir, self.name = index_dir, name
         self.dir = index_dir / VERSIONS / name
         self.manifest = IndexManifest.read(self.dir)
@@ -145,21 +155,31 @@ class IndexVersion:
                 if load_global
                 else None
             )
-            self.db = open_metadata(self.dir / METADATA_FILE)
-            count, ids, locations = _read_locations(self.db, only_ids)
-            self.segment_names = sorted({segment for segment, _ in locations})
+            own = self._own_rows(shard)
+            if own is None and shard is not None:
+                only_ids = self._shard_ids(shard)
+            self.db = None if own is not None else open_metadata(self.dir / METADATA_FILE)
+            if own is not None:
+                count, ids, locations = self.manifest.count, np.zeros(0, np.int64), []
+                self.segment_names = list(own.segments)
+            else:
+                count, ids, locations = _read_locations(self.db, only_ids)
+                self.segment_names = sorted({segment for segment, _ in locations})
             segments = [SegmentFiles(segment_dir(index_dir, s)) for s in self.segment_names]
         except (RuntimeError, sqlite3.Error, OSError, ValueError) as exc:  # faiss raises RuntimeError
             raise IndexStoreError(
                 f"version {name} is damaged ({type(exc).__name__}); rebuild the index"
             ) from None
         # id -> (segment, row): 8 bytes per image, all a search needs to find an image's local features;
-        # -1 for an image not looked up yet (only_ids)
+        # -1 for an image not looked up yet (only_ids) or of another shard
         self.id_segment = np.full(count, -1, dtype=np.int32)
         self.id_row = np.full(count, -1, dtype=np.int32)
         self.segments = segments
         self._segment_index = {s: i for i, s in enumerate(self.segment_names)}
-        self._place(ids, locations)
+        if own is not None:
+            self.id_segment[own.ids], self.id_row[own.ids] = own.segment, own.row
+        else:
+            self._place(ids, locations)
         self._looking_up = threading.Lock()
         self.resident: ResidentMaps | None = None  # make_resident: the local maps in a GPU's memory
         self.calibration: Calibration | None
@@ -178,16 +198,44 @@ class IndexVersion:
             raise IndexNotFound(f"no published index yet ({NO_INDEX_HINT})")
         return cls(index_dir, name, load_global)
 
+    def _own_rows(self, shard: int | None) -> ShardRows | None:
+        """The id table of location shard `shard` when it owns its files; None otherwise."""
+        if shard is None:
+            return None
+        plan = self._shard_plan(shard)
+        return read_shard_rows(self.dir, plan, self.manifest.count) if plan.owns_files else None
+
+    def _shard_ids(self, shard: int) -> np.ndarray:
+        """Location shard `shard`'s ids, in a version whose shards share its segments."""
+        try:
+            return np.load(self.dir / ids_file(self._shard_plan(shard).key), allow_pickle=False)
+        except (OSError, ValueError):
+            raise IndexStoreError(f"{self.name}: location shard {shard_key(shard)} is damaged") from None
+
+    def _shard_plan(self, shard: int) -> ShardPlan:
+        shards = self.manifest.location_shards
+        if not 0 <= shard < len(shards):
+            raise IndexStoreError(f"{self.name} has {len(shards)} location shards, not {shard_key(shard)}")
+        return shards[shard]
+
     def __len__(self) -> int:
         return len(self.id_row)
+
+    def _metadata(self) -> sqlite3.Connection:
+        """The version-wide metadata; a location shard's own reader has none."""
+        if self.db is None:
+            raise IndexStoreError(f"{self.name}: a location shard's reader has no image records")
+        return self.db
 
     def records(self, ids: Sequence[int]) -> list[ImageRecord]:
         if not len(ids):
             return []
         marks = ", ".join("?" * len(ids))
-        rows = self.db.execute(
-            f"SELECT * FROM images WHERE id IN ({marks})", [int(i) for i in ids]
-        ).fetchall()
+        rows = (
+            self._metadata()
+            .execute(f"SELECT * FROM images WHERE id IN ({marks})", [int(i) for i in ids])
+            .fetchall()
+        )
         by_id = {r["id"]: record_of(r) for r in rows}
         return [by_id[int(i)] for i in ids]
 
@@ -196,7 +244,8 @@ class IndexVersion:
         """Every reference's UTM location by id (24 bytes each), read once: the answer's probability
         looks at where all the re-ranked candidates are."""
         if self._locations is None:
-            rows = self.db.execute("SELECT utm_east, utm_north, utm_zone FROM images ORDER BY id").fetchall()
+            query = "SELECT utm_east, utm_north, utm_zone FROM images ORDER BY id"
+            rows = self._metadata().execute(query).fetchall()
             east = np.array([np.nan if r[0] is None else r[0] for r in rows], dtype=np.float64)
             north = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=np.float64)
             zone, zone_of = zone_ids([(r[2] or "") if r[0] is not None else None for r in rows])
@@ -204,7 +253,7 @@ class IndexVersion:
         return self._locations
 
     def all_records(self) -> list[ImageRecord]:
-        return [record_of(r) for r in self.db.execute("SELECT * FROM images ORDER BY id")]
+        return [record_of(r) for r in self._metadata().execute("SELECT * FROM images ORDER BY id")]
 
     def candidate_maps(
         self, ids: Sequence[int], device: torch.device | None = None
@@ -265,9 +314,13 @@ class IndexVersion:
         self.id_segment[ids] = [self._segment_index[segment] for segment, _ in locations]
 
     def _look_up(self, ids: np.ndarray) -> None:
-        """Rows of the id map not read at opening (only_ids), read now from meta.sqlite."""
+        """Rows of the id map not read at opening (only_ids), read now from meta.sqlite; a location
+        shard's own reader holds only its references (IndexStoreError for another's)."""
         with self._looking_up:
             missing = np.unique(ids[self.id_segment[ids] < 0])
+            if len(missing) and self.db is None:
+                not_here = int(missing[0])
+                raise IndexStoreError(f"{self.name}: reference {not_here} is not in this location shard")
             if len(missing):
                 try:
                     self._place(missing, _locations_of(self.db, missing))
@@ -316,10 +369,11 @@ def _locations_of(db: sqlite3.Connection, ids: np.ndarray) -> list[tuple[str, in
     return [found[i] for i in ids.tolist()]
 
 
-def _close_version(segments: list[SegmentFiles], db: sqlite3.Connection) -> None:
+def _close_version(segments: list[SegmentFiles], db: sqlite3.Connection | None) -> None:
     for segment in segments:
         segment.close()
-    db.close()
+    if db is not None:
+        db.close()
 
 
 class StoredMaps:

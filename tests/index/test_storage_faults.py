@@ -6,6 +6,7 @@ lost, and the disk space comes back. The docs list the matrix with these outcome
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import shutil
 from pathlib import Path
@@ -18,7 +19,8 @@ from index_builder import builder
 from index_builder.builder import BuildConfig, build_index
 from index_builder.encoding import LocalEncoder
 from index_builder.rollback import rollback
-from index_builder.store import SEGMENTS, IndexStoreError, current_version_name, versions
+from index_builder.store import SEGMENTS, IndexStoreError, current_version_name, shard_segments, versions
+from index_builder.store.space import DiskFull
 from model.options import ModelOptions
 from tests.faulty_disk import small_disk
 from tests.helpers import noise_images
@@ -297,3 +299,31 @@ def test_a_failed_build_removes_what_it_wrote_whatever_the_cause(
         build(refs, index, tiny_ckpt, batch_size=1, segment_size=1)
     assert sorted(p.name for p in (index / SEGMENTS).iterdir()) == before
     assert [p.name for p in (index / "versions").iterdir()] == ["v000001"]
+
+
+def test_a_sharded_build_failing_while_copying_into_shard_segments_removes_its_copies(
+    tmp_path, shared_data, tiny_ckpt, monkeypatch
+):
+    """Going to 2 shards copies stored maps into segments of their shard; a full disk part-way through
+    fails the build as DiskFull, removes the copies already written, and leaves v000001 published."""
+    refs = references(tmp_path, shared_data)
+    index = tmp_path / "index"
+    build(refs, index, tiny_ckpt)
+    before = sorted(p.name for p in (index / SEGMENTS).iterdir())
+    copy, copied = shard_segments.copy_rows, []
+
+    def filling(*args):
+        if copied:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        copied.append(copy(*args))
+        return copied[-1]
+
+    monkeypatch.setattr(shard_segments, "copy_rows", filling)
+    with pytest.raises(DiskFull):
+        build(refs, index, tiny_ckpt, shards=2, segment_size=1)
+    assert len(copied) == 1 and sorted(p.name for p in (index / SEGMENTS).iterdir()) == before
+    assert [p.name for p in (index / "versions").iterdir()] == ["v000001"]
+    assert current_version_name(index) == "v000001"
+    monkeypatch.undo()
+    report = build(refs, index, tiny_ckpt, shards=2)
+    assert report.encoded == 0 and current_version_name(index) == report.version

@@ -286,3 +286,38 @@ def test_a_newly_published_version_is_served_without_a_failed_request(
         assert _comparable(body) == _comparable(expected)
         assert not any(m["path"].startswith("matching_triplets/p9/i2/") for m in body["matches"])
         assert len(body["matches"]) == 31
+
+
+def test_a_shard_replica_answers_the_same_with_only_its_own_files(serve, sharded_shared_indexes, tmp_path):
+    """The other shard's files, the version-wide global index and id map (meta.sqlite) gone: shard-00's
+    replica opens its own id table and segments and answers as over the whole index."""
+    from app.ray_engine.deployments import ShardServer
+    from index_builder.shard_search import ShardSearcher
+    from model.matching.compact import compact_query
+    from model.matching.precision import Precision
+
+    dirs, _, _, (global_desc, local) = sharded_shared_indexes
+    index_dir = tmp_path / "index"
+    shutil.copytree(dirs[2], index_dir)
+    version = current_version_name(index_dir)
+    version_dir = index_dir / "versions" / version
+    other = IndexVersion(index_dir, version, load_global=False).manifest.location_shards[1]
+    for path in version_dir.glob("shard-01.*"):
+        path.unlink()
+    for segment in other.segments:
+        shutil.rmtree(index_dir / "segments" / segment)
+    (version_dir / "meta.sqlite").unlink()
+    (version_dir / "global.faiss").unlink()
+    bound = ShardServer.options(name="shard-00").bind(str(index_dir), version, 0, None)
+    replica = serve.run(bound, name="test-shard-alone", _local_testing_mode=True)
+    expected = ShardSearcher.open_alone(dirs[2], version, 0)
+    tops = replica.top.remote(global_desc.numpy(), 16, version).result().value
+    for query, (candidates, (scores, ids)) in enumerate(
+        zip(expected.top(global_desc.numpy(), 16), tops, strict=True)
+    ):
+        assert ids.tolist() == candidates.ids.tolist() and scores.tolist() == candidates.scores.tolist()
+        positions = int(np.prod(expected.version.identity.local_shape[:2]))
+        query_map = compact_query(local[query], Precision.FLOAT32, positions)
+        counts = replica.counts.remote(query_map, ids, "float32", version).result().value
+        assert counts.tolist() == expected.counts(local[query], ids.tolist(), Precision.FLOAT32).tolist()
+    expected.version.close()
