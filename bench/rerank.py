@@ -253,7 +253,8 @@ FUSED_CONFIGS = ((64, 64, 4), (128, 64, 4), (128, 64, 8), (64, 128, 4), (128, 12
 def fused_sweep(device: torch.device, k: int = 100) -> list[dict]:
     """The fused kernel's time per query at K candidates for each block shape, per precision."""
     from model.matching.fused import fused_best_matches
-    from model.matching.precision import index_bits, quantize_int8
+    from model.matching.precision import index_bits
+    from model.matching.quantize import quantize_int8
 
     query, cands = synthetic_maps(k, 61, 128)
     query, cands = query.flatten(0, 1).to(device), cands.flatten(1, 2).to(device)

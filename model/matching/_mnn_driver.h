@@ -94,7 +94,7 @@ static inline void mnn_fold_i32(const int32_t *v, const int32_t *idx, int lanes,
     *best_i = first;
 }
 
-/* quantize_int8's elementwise step (model/matching/precision.py), one value: times its map's scale
+/* quantize_int8's elementwise step (model/matching/quantize.py), one value: times its map's scale
    (one IEEE float32 product, as torch.mul), rounded half to even (torch.round), clamped to [-127, 127].
    Inputs are finite. The vector versions (selavpr_quantize_i8 per architecture) give the same bits. */
 static inline int8_t mnn_quantize_one(float x, float scale) {

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.matching.precision import FLOAT_DTYPES, Precision, index_bits, int8_scales, quantize_int8
+from model.matching.precision import FLOAT_DTYPES, Precision, index_bits
+from model.matching.quantize import int8_scales, quantize_int8
 
 
 @dataclass(frozen=True)

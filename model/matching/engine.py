@@ -24,7 +24,8 @@ from model.matching.fused import fused_best_matches, fused_enabled
 from model.matching.kernels import SimilarityKernel, similarity_kernel
 from model.matching.maps import CandidateMaps
 from model.matching.native import native_enabled, native_matcher
-from model.matching.precision import FLOAT_DTYPES, Precision, index_bits, quantize_int8
+from model.matching.precision import FLOAT_DTYPES, Precision, index_bits
+from model.matching.quantize import quantize_int8
 from model.matching.reducers import BucketFloatReducer, FloatReducer, PackedIntReducer
 
 # Similarity elements per tile: 8 MiB on CPU (sweeps on the project machine: 2-8 MiB within noise with

@@ -230,7 +230,7 @@ def amx_enabled() -> bool:
 
 
 def quantize_int8(maps: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-    """precision.quantize_int8's elementwise step for (n, ...) float32 maps on CPU and their (n,) scales,
+    """quantize.quantize_int8's elementwise step for (n, ...) float32 maps on CPU and their (n,) scales,
     in one C pass split between threads: the bits of torch.mul(maps, scale).round_().clamp_(-127, 127)
     .to(torch.int8) without its four passes over float32 copies. None where the library lacks it or
     SELAVPR_NATIVE_MNN=0 (the caller runs the torch version)."""

@@ -60,28 +60,3 @@ def int8_limit(bits: int) -> int:
     2^22 every partial sum (at most |a||b|) is exact in float32, also with the 1.5 * 2^23 bias of the
     float route (engine.MAGIC_BIAS)."""
     return min(2 ** (31 - bits) - 2, 2**22 - 1)
-
-
-def quantize_int8(maps: torch.Tensor, bits: int) -> torch.Tensor:
-    """(n, L, C) float maps -> int8, one scale per map: the largest component goes to 127, unless that
-    would make a vector long enough to break `int8_limit` (|a.b| <= |a||b|; rounding adds at most
-    0.5 * sqrt(C) to a length)."""
-    from model.matching import native  # imported here: native imports this module
-
-    x = maps.float()
-    scales = int8_scales(x, bits)
-    quantized = native.quantize_int8(x, scales)
-    if quantized is not None:
-        return quantized
-    return torch.mul(x, scales.view(-1, *([1] * (x.ndim - 1)))).round_().clamp_(-127, 127).to(torch.int8)
-
-
-def int8_scales(maps: torch.Tensor, bits: int) -> torch.Tensor:
-    """(n, L, C) float32 maps -> (n,) the factor quantize_int8 multiplies each map by."""
-    max_norm = math.sqrt(int8_limit(bits)) - 0.5 * math.sqrt(maps.shape[-1])
-    flat = maps.flatten(1)
-    # max |x| without an abs() copy, and one rounded copy changed in place: half the time of the
-    # straightforward version (which the C kernels' int8 pass waits for), the same bits
-    peak = torch.maximum(flat.amax(dim=1), flat.amin(dim=1).neg_()).clamp_(min=1e-12)
-    longest = maps.norm(dim=-1).flatten(1).amax(dim=1).clamp_(min=1e-12)
-    return torch.minimum(127.0 / peak, max_norm / longest)

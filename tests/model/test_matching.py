@@ -168,7 +168,8 @@ def test_bad_shapes_and_precision_are_rejected():
 
 def test_int8_equals_the_definition_on_its_own_rounded_vectors():
     """int8 mode is exact arithmetic on the quantized maps: the definition applied to them agrees."""
-    from model.matching.precision import index_bits, quantize_int8
+    from model.matching.precision import index_bits
+    from model.matching.quantize import quantize_int8
 
     query, cands = unit_maps(12, 12, 32, seed=21), unit_maps(4, 12, 12, 32, seed=22)
     bits = index_bits(144, 144)

@@ -349,7 +349,8 @@ def test_quantizing_in_c_gives_the_bits_of_the_torch_passes(monkeypatch, shape, 
 
 @pytest.mark.skipif(native._library() is None, reason="no C library here (not built)")
 def test_quantize_int8_is_the_same_with_the_kernels_off(monkeypatch):
-    from model.matching.precision import index_bits, quantize_int8
+    from model.matching.precision import index_bits
+    from model.matching.quantize import quantize_int8
 
     maps = unit_maps(4, 61 * 61, 128, seed=8)
     monkeypatch.setenv(NATIVE_ENV, "1")
