@@ -89,13 +89,14 @@ def _compare_all(client, base, queries, expected, references: Path) -> dict:
     }
 
 
-def _kill_under_traffic(client, base, queries, deadline_s: float) -> dict:
-    """Queries in a loop; after a few, the shard's replica process is killed; the loop goes on until
-    answers are complete again (Serve restarts the replica), or the deadline."""
+@contextlib.contextmanager
+def _traffic(client, base, queries):
+    """Queries in a loop on a thread while the block runs; yields the list its answers are appended to
+    (the time, status, partial flag, missing shards, coverage, index version and latency of each)."""
     answers: list[dict] = []
     stop = threading.Event()
 
-    def traffic() -> None:
+    def loop() -> None:
         i = 0
         while not stop.is_set():
             status, body, elapsed = _post(client, base, Path(queries[i % len(queries)]))
@@ -106,16 +107,31 @@ def _kill_under_traffic(client, base, queries, deadline_s: float) -> dict:
                     "partial": body.get("partial"),
                     "missing": body.get("missing_shards"),
                     "coverage": body.get("coverage"),
+                    "version": body.get("index_version"),
                     "elapsed_s": elapsed,
                 }
             )
             i += 1
 
-    worker = threading.Thread(target=traffic)
+    worker = threading.Thread(target=loop)
     worker.start()
     try:
-        while len(answers) < 3:
-            time.sleep(0.05)
+        yield answers
+    finally:
+        stop.set()
+        worker.join(timeout=120)
+
+
+def _first_answers(answers: list[dict], count: int = 3) -> None:
+    while len(answers) < count:
+        time.sleep(0.05)
+
+
+def _kill_under_traffic(client, base, queries, deadline_s: float) -> dict:
+    """Queries in a loop; after a few, the shard's replica process is killed; the loop goes on until
+    answers are complete again (Serve restarts the replica), or the deadline."""
+    with _traffic(client, base, queries) as answers:
+        _first_answers(answers)
         pids = _replica_pids(KILLED_SHARD)
         killed_at = time.monotonic()
         for pid in pids:
@@ -130,9 +146,6 @@ def _kill_under_traffic(client, base, queries, deadline_s: float) -> dict:
                 recovered_at = complete_since[0]["t"]
                 break
             time.sleep(0.2)
-    finally:
-        stop.set()
-        worker.join(timeout=120)
     return {
         "killed_pids": pids,
         "answers": [{**a, "t": round(a["t"] - killed_at, 3)} for a in answers],
@@ -143,50 +156,28 @@ def _kill_under_traffic(client, base, queries, deadline_s: float) -> dict:
 def _hang_under_traffic(client, base, queries, hang_s: float, deadline_s: float) -> dict:
     """Queries in a loop; the shard's replica processes are stopped (SIGSTOP: alive, silent) for
     hang_s, then continued; the loop goes on until answers are complete again, or the deadline."""
-    answers: list[dict] = []
-    stop = threading.Event()
-
-    def traffic() -> None:
-        i = 0
-        while not stop.is_set():
-            status, body, elapsed = _post(client, base, Path(queries[i % len(queries)]))
-            answers.append(
-                {
-                    "t": time.monotonic(),
-                    "status": status,
-                    "partial": body.get("partial"),
-                    "missing": body.get("missing_shards"),
-                    "elapsed_s": elapsed,
-                }
-            )
-            i += 1
-
-    worker = threading.Thread(target=traffic)
-    worker.start()
     pids: list[int] = []
-    try:
-        while len(answers) < 3:
-            time.sleep(0.05)
-        pids = _replica_pids(KILLED_SHARD)
-        stopped_at = time.monotonic()
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        time.sleep(hang_s)
-        continued_at = time.monotonic()
-        for pid in pids:
-            _signal_if_alive(pid, signal.SIGCONT)
-        recovered_at = None
-        while time.monotonic() < continued_at + deadline_s:
-            complete = [a for a in answers if a["t"] > continued_at and not a["partial"]]
-            if len(complete) >= 3:
-                recovered_at = complete[0]["t"]
-                break
-            time.sleep(0.2)
-    finally:
-        for pid in pids:
-            _signal_if_alive(pid, signal.SIGCONT)
-        stop.set()
-        worker.join(timeout=120)
+    with _traffic(client, base, queries) as answers:
+        try:
+            _first_answers(answers)
+            pids = _replica_pids(KILLED_SHARD)
+            stopped_at = time.monotonic()
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            time.sleep(hang_s)
+            continued_at = time.monotonic()
+            for pid in pids:
+                _signal_if_alive(pid, signal.SIGCONT)
+            recovered_at = None
+            while time.monotonic() < continued_at + deadline_s:
+                complete = [a for a in answers if a["t"] > continued_at and not a["partial"]]
+                if len(complete) >= 3:
+                    recovered_at = complete[0]["t"]
+                    break
+                time.sleep(0.2)
+        finally:
+            for pid in pids:
+                _signal_if_alive(pid, signal.SIGCONT)
     return {
         "stopped_pids": pids,
         "hang_s": round(continued_at - stopped_at, 3),
@@ -221,30 +212,11 @@ def _rebuild_under_traffic(client, base, queries, config: dict) -> dict:
     """Queries in a loop while a new reference photo (a shared image mirrored) is uploaded and
     POST /index/rebuild builds and rolls out the next version; the loop goes on until the answers come
     from it. Then the new photo is searched for."""
-    answers: list[dict] = []
-    stop = threading.Event()
     key = {"X-API-Key": API_KEY}
-
-    def traffic() -> None:
-        i = 0
-        while not stop.is_set():
-            status, body, elapsed = _post(client, base, Path(queries[i % len(queries)]))
-            answers.append(
-                {
-                    "status": status,
-                    "partial": body.get("partial"),
-                    "version": body.get("index_version"),
-                    "elapsed_s": elapsed,
-                }
-            )
-            i += 1
-
     new_photo = Path(config["new_photo"]).read_bytes()
     before = client.get(f"{base}/index/status").json()["index_version"]
-    worker = threading.Thread(target=traffic)
-    worker.start()
     statuses: list[dict] = []
-    try:
+    with _traffic(client, base, queries) as answers:
         unauthorised = client.post(f"{base}/index/rebuild").status_code
         files = {"image": ("mirrored.jpg", new_photo, "image/jpeg")}
         upload = client.post(
@@ -261,9 +233,6 @@ def _rebuild_under_traffic(client, base, queries, config: dict) -> dict:
             if rolled and any(a["version"] == published for a in answers[-3:]):
                 break
             time.sleep(0.5)
-    finally:
-        stop.set()
-        worker.join(timeout=120)
     found = client.post(
         f"{base}/localize", files={"image": ("q.jpg", new_photo, "image/jpeg")}, data={"top_k": "3"}
     ).json()
