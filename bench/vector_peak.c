@@ -71,96 +71,58 @@ __attribute__((target("avx2,fma"))) static double f32_avx2(long passes) {
     return (double)passes * STEPS * CHANNELS * 6 * 16;
 }
 
-/* int8 on AVX2 as the kernel does it: |a| x (q * sign(a)) with vpmaddubsw, widened with vpmaddwd. */
-__attribute__((target("avx2"))) static double i8_avx2(long passes) {
-    __m256i s[2 * ROWS], ones = _mm256_set1_epi16(1);
-    #pragma GCC unroll 12
-    for (int r = 0; r < 2 * ROWS; r++) s[r] = _mm256_setzero_si256();
-    for (long pass = 0; pass < passes; pass++) {
-        for (int it = 0; it < STEPS; it++) {
-            const int8_t *a8 = hidden_i8(a8_), *q8 = hidden_i8(q8_);
-            for (int g = 0; g < CHANNELS; g += 4) {
-                __m256i b0 = _mm256_loadu_si256((const __m256i *)(q8 + g * 16));
-                __m256i b1 = _mm256_loadu_si256((const __m256i *)(q8 + g * 16 + 32));
-#pragma GCC unroll 4
-                for (int r = 0; r < ROWS; r++) {
-                    int32_t word;
-                    memcpy(&word, a8 + r * CHANNELS + g, 4);
-                    __m256i x = _mm256_set1_epi32(word), ax = _mm256_abs_epi8(x);
-                    __m256i p0 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(b0, x));
-                    __m256i p1 = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(b1, x));
-                    s[2 * r] = _mm256_add_epi32(s[2 * r], _mm256_madd_epi16(p0, ones));
-                    s[2 * r + 1] = _mm256_add_epi32(s[2 * r + 1], _mm256_madd_epi16(p1, ones));
-                }
-            }
-        }
-    }
-    __m256i t = s[0];
-    #pragma GCC unroll 12
-    for (int r = 1; r < 2 * ROWS; r++) t = _mm256_add_epi32(t, s[r]);
-    sink += _mm256_extract_epi32(t, 0);
-    return (double)passes * STEPS * CHANNELS * ROWS * 16;
+/* One step of each int8 loop: the products of the broadcast candidate bytes x and the query bytes b,
+   added to acc. */
+#define STEP_OF(TARGET) __attribute__((target(TARGET), always_inline)) static inline __m256i
+
+/* As the AVX2 int8 kernel: |a| x (q * sign(a)) with vpmaddubsw, widened with vpmaddwd. */
+STEP_OF("avx2") step_sign(__m256i acc, __m256i x, __m256i b) {
+    __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(b, x));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-/* unsigned x signed bytes with no sign step: what vpmaddubsw gives where one operand is known to be
+/* Unsigned x signed bytes with no sign step: what vpmaddubsw gives where one operand is known to be
    non-negative and small enough never to saturate (not the kernel's case: a reference only). */
-__attribute__((target("avx2"))) static double u8_avx2(long passes) {
-    __m256i s[2 * ROWS], ones = _mm256_set1_epi16(1);
-    #pragma GCC unroll 12
-    for (int r = 0; r < 2 * ROWS; r++) s[r] = _mm256_setzero_si256();
-    for (long pass = 0; pass < passes; pass++) {
-        for (int it = 0; it < STEPS; it++) {
-            const int8_t *a8 = hidden_i8(a8_), *q8 = hidden_i8(q8_);
-            for (int g = 0; g < CHANNELS; g += 4) {
-                __m256i b0 = _mm256_loadu_si256((const __m256i *)(q8 + g * 16));
-                __m256i b1 = _mm256_loadu_si256((const __m256i *)(q8 + g * 16 + 32));
-#pragma GCC unroll 4
-                for (int r = 0; r < ROWS; r++) {
-                    int32_t word;
-                    memcpy(&word, a8 + r * CHANNELS + g, 4);
-                    __m256i x = _mm256_set1_epi32(word);
-                    s[2 * r] = _mm256_add_epi32(s[2 * r], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b0), ones));
-                    s[2 * r + 1] =
-                        _mm256_add_epi32(s[2 * r + 1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, b1), ones));
-                }
-            }
-        }
-    }
-    __m256i t = s[0];
-    #pragma GCC unroll 12
-    for (int r = 1; r < 2 * ROWS; r++) t = _mm256_add_epi32(t, s[r]);
-    sink += _mm256_extract_epi32(t, 0);
-    return (double)passes * STEPS * CHANNELS * ROWS * 16;
+STEP_OF("avx2") step_unsigned(__m256i acc, __m256i x, __m256i b) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, b), _mm256_set1_epi16(1)));
 }
 
-/* int8 on AVX-VNNI (vpdpbusd on 256 bits), as the AVX-VNNI kernel: 4 rows x 16 positions. */
-__attribute__((target("avx2,avxvnni"))) static double i8_avxvnni(long passes) {
-    __m256i s[2 * ROWS];
-    #pragma GCC unroll 12
-    for (int r = 0; r < 2 * ROWS; r++) s[r] = _mm256_setzero_si256();
-    for (long pass = 0; pass < passes; pass++) {
-        for (int it = 0; it < STEPS; it++) {
-            const int8_t *a8 = hidden_i8(a8_), *q8 = hidden_i8(q8_);
-            for (int g = 0; g < CHANNELS; g += 4) {
-                __m256i b0 = _mm256_loadu_si256((const __m256i *)(q8 + g * 16));
-                __m256i b1 = _mm256_loadu_si256((const __m256i *)(q8 + g * 16 + 32));
-#pragma GCC unroll 4
-                for (int r = 0; r < ROWS; r++) {
-                    int32_t word;
-                    memcpy(&word, a8 + r * CHANNELS + g, 4);
-                    __m256i x = _mm256_set1_epi32(word);
-                    s[2 * r] = _mm256_dpbusd_avx_epi32(s[2 * r], x, b0);
-                    s[2 * r + 1] = _mm256_dpbusd_avx_epi32(s[2 * r + 1], x, b1);
-                }
-            }
-        }
-    }
-    __m256i t = s[0];
-    #pragma GCC unroll 12
-    for (int r = 1; r < 2 * ROWS; r++) t = _mm256_add_epi32(t, s[r]);
-    sink += _mm256_extract_epi32(t, 0);
-    return (double)passes * STEPS * CHANNELS * ROWS * 16;
+/* As the AVX-VNNI kernel: vpdpbusd on 256 bits. */
+STEP_OF("avx2,avxvnni") step_vnni(__m256i acc, __m256i x, __m256i b) {
+    return _mm256_dpbusd_avx_epi32(acc, x, b);
 }
+
+/* An int8 loop: ROWS candidate rows x 16 query positions per group of 4 channels, as the int8
+   kernels; STEP is the only difference between them. */
+#define INT8_LOOP(NAME, TARGET, STEP)                                                                 \
+    __attribute__((target(TARGET))) static double NAME(long passes) {                                 \
+        __m256i s[2 * ROWS];                                                                          \
+        _Pragma("GCC unroll 12") for (int r = 0; r < 2 * ROWS; r++) s[r] = _mm256_setzero_si256();    \
+        for (long pass = 0; pass < passes; pass++) {                                                  \
+            for (int it = 0; it < STEPS; it++) {                                                      \
+                const int8_t *a8 = hidden_i8(a8_), *q8 = hidden_i8(q8_);                              \
+                for (int g = 0; g < CHANNELS; g += 4) {                                               \
+                    __m256i b0 = _mm256_loadu_si256((const __m256i *)(q8 + g * 16));                  \
+                    __m256i b1 = _mm256_loadu_si256((const __m256i *)(q8 + g * 16 + 32));             \
+                    _Pragma("GCC unroll 4") for (int r = 0; r < ROWS; r++) {                          \
+                        int32_t word;                                                                 \
+                        memcpy(&word, a8 + r * CHANNELS + g, 4);                                      \
+                        __m256i x = _mm256_set1_epi32(word);                                          \
+                        s[2 * r] = STEP(s[2 * r], x, b0);                                             \
+                        s[2 * r + 1] = STEP(s[2 * r + 1], x, b1);                                     \
+                    }                                                                                 \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        __m256i t = s[0];                                                                             \
+        _Pragma("GCC unroll 12") for (int r = 1; r < 2 * ROWS; r++) t = _mm256_add_epi32(t, s[r]);    \
+        sink += _mm256_extract_epi32(t, 0);                                                           \
+        return (double)passes * STEPS * CHANNELS * ROWS * 16;                                         \
+    }
+
+INT8_LOOP(i8_avx2, "avx2", step_sign)
+INT8_LOOP(u8_avx2, "avx2", step_unsigned)
+INT8_LOOP(i8_avxvnni, "avx2,avxvnni", step_vnni)
 
 typedef struct {
     loop_fn fn;
